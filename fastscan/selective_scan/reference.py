@@ -1,0 +1,54 @@
+"""Pure-PyTorch selective scan: the `torch` backend and, in float64, the oracle of the tests.
+
+It is the same sequential loop HF transformers' Jamba/Mamba "slow path" and mamba-ssm's
+selective_scan_ref run: discretize everything up front as (batch, dim, seqlen, dstate) tensors,
+then one step per token. Readable, differentiable by autograd, and slow by design.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       return_last_state=False, initial_state=None):
+    """Same arguments and result as `fastscan.selective_scan_fn` (B, C 3-D or grouped 4-D).
+
+    Computes in float64 when u is float64, otherwise float32; y is returned in u's dtype and
+    last_state in the compute dtype.
+    """
+    dtype_out = u.dtype
+    ct = _compute_dtype(u)
+    u, delta, A = u.to(ct), delta.to(ct), A.to(ct)
+    batch, dim, seqlen = u.shape
+    dstate = A.shape[1]
+    if B.dim() == 3:
+        B, C = B.unsqueeze(1), C.unsqueeze(1)
+    groups = B.shape[1]
+    # (batch, groups, dstate, seqlen) -> (batch, dim, seqlen, dstate): each channel sees its group's B/C.
+    B = B.to(ct).repeat_interleave(dim // groups, dim=1).transpose(2, 3)
+    C = C.to(ct).repeat_interleave(dim // groups, dim=1).transpose(2, 3)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(ct)[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)  # threshold 20: x > 20 -> x, as the kernels do
+
+    delta_A = torch.exp(delta.unsqueeze(-1) * A[:, None, :])  # (batch, dim, seqlen, dstate)
+    delta_B_u = delta.unsqueeze(-1) * B * u.unsqueeze(-1)
+    state = (initial_state.to(ct) if initial_state is not None
+             else u.new_zeros(batch, dim, dstate))
+    ys = []
+    for t in range(seqlen):
+        state = delta_A[:, :, t] * state + delta_B_u[:, :, t]
+        ys.append((state * C[:, :, t]).sum(-1))
+    y = torch.stack(ys, dim=-1)
+    if D is not None:
+        y = y + u * D.to(ct)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(ct))
+    y = y.to(dtype_out)
+    return (y, state) if return_last_state else y
