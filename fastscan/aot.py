@@ -79,8 +79,9 @@ def compile_triton(arch: int) -> list[Row]:
 
 def compile_cuda(arch: int) -> list[Row]:
     nvcc = _find_nvcc()
-    if nvcc is None:
-        return [Row("cuda", "(nvcc not found)", arch, error="nvcc not found; set CUDA_HOME")]
+    if nvcc is None:  # not a compile error: this machine cannot check CUDA kernels at all
+        print(f"fastscan.aot: nvcc not found (set CUDA_HOME); CUDA kernels not checked for sm_{arch}", file=sys.stderr)
+        return []
     rows = []
     for source in sorted(CSRC.glob("*/*.cu")):
         cmd = [nvcc, "-O3", "-std=c++17", "--use_fast_math", f"-arch=sm_{arch}", "-Xptxas", "-v",

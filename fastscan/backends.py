@@ -69,8 +69,21 @@ def _runs_on(backend: str, device: torch.device) -> bool:
     return False
 
 
-def resolve(backend: str | None, device: torch.device, supported: tuple[str, ...] = BACKENDS) -> str:
-    """Pick the backend for one call on tensors living on `device`; raise a ValueError saying what to do."""
+def resolve(backend: str | None, device: torch.device, supported: tuple[str, ...] = BACKENDS,
+            native_symbol: str | None = None) -> str:
+    """Pick the backend for one call on tensors living on `device`; raise a ValueError saying what to do.
+
+    `native_symbol` is the op's launcher in the compiled libraries: a library built from an older
+    checkout that lacks it is reported as needing a rebuild.
+    """
+    name = _choose(backend, device, supported)
+    if native_symbol is not None and name in ("cpu", "cuda", "cuda_emu"):
+        if not hasattr(native.library(name), native_symbol):
+            raise RuntimeError(f"libfastscan_{name} was built without {native_symbol}: rebuild with `pip install -e .`")
+    return name
+
+
+def _choose(backend, device, supported):
     requested = backend if backend is not None else os.environ.get("FASTSCAN_BACKEND") or None
     if requested is None:
         order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")

@@ -49,7 +49,7 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     """
     u, delta, A, B, C, D, z, delta_bias, initial_state = _validate(
         u, delta, A, B, C, D, z, delta_bias, initial_state)
-    name = backends.resolve(backend, u.device)
+    name = backends.resolve(backend, u.device, native_symbol="fs_selective_scan_fwd")
     if name == "torch":  # plain autograd through the reference
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                   initial_state)

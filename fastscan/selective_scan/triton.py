@@ -27,50 +27,51 @@ import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # NOTE: the interpreter runs `tl.associative_scan` with a user combine function one element at a
-# time in Python (~15 us per element: a 4 x 16 x 32 tile costs ~30 ms per chunk), which makes a
-# seqlen-1000 test take minutes. Under the interpreter the same scan is done by log2(BLOCK_L)
-# vectorised Hillis-Steele steps built on tl.gather instead; everything around the scan is the
-# code the GPU runs. FASTSCAN_INTERPRET_ASSOC_SCAN=1 forces the real associative_scan there too.
+# time in Python: the forward of a (1, 4, 128) input with dstate 16 took 2.2 s that way and 0.27 s
+# with the scan done as log2(BLOCK_L) vectorised Hillis-Steele steps built on tl.gather, so under
+# the interpreter the scan is the latter; everything around the scan is the code the GPU runs.
+# FASTSCAN_INTERPRET_ASSOC_SCAN=1 runs the real associative_scan in the interpreter too.
 _INTERPRET_GATHER_SCAN = _INTERPRET and os.environ.get("FASTSCAN_INTERPRET_ASSOC_SCAN", "0") != "1"
 
-_LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(1.4426950408889634)
 
 
 # ----------------------------------------------------------------------------------------------
-# Configs. Budget in fp32 elements of one (BLOCK_D, BLOCK_N, BLOCK_L) tile per warp, measured with
-# `python -m fastscan.aot` (cuobjdump --dump-resource-usage, sm_80 and sm_90): above it ptxas spills.
-# The backward keeps about twice as many live tiles as the forward, hence half the budget.
+# Configs. Budget in fp32 elements of one (BLOCK_D, BLOCK_N, BLOCK_L) tile per warp.
+# NOTE: measured on AOT compiles (cuobjdump --dump-resource-usage, all optional inputs on):
+# forward at 4 warps, 4096 elements (16 x 16 x 16, 4 x 64 x 16) take 166-168 registers on sm_80 and
+# sm_90, 8192 (32 x 16 x 16, 8 x 64 x 16) spill 24-112 bytes of STACK on sm_90. The backward keeps
+# about twice as many tiles live: 2048 elements at 4 warps take 168-254 registers without spilling
+# (2 x 64 x 16 is the edge: 254), 4 x 64 x 16 spills 144 bytes. Hence 1024 and 512 per warp.
 # ----------------------------------------------------------------------------------------------
 _FWD_TILE_PER_WARP = 1024
 _BWD_TILE_PER_WARP = 512
 
 
 def _config_list():
-    configs = []
-    for block_d in (1, 2, 4, 8, 16, 32):
-        for block_l in (16, 32, 64):
-            for num_warps in (2, 4, 8):
-                configs.append(triton.Config({"BLOCK_D": block_d, "BLOCK_L": block_l}, num_warps=num_warps))
-    return configs
+    return [triton.Config({"BLOCK_D": block_d, "BLOCK_L": block_l}, num_warps=num_warps)
+            for block_d in (1, 2, 4, 8, 16, 32) for block_l in (16, 32) for num_warps in (4, 8)]
 
 
 def _prune(tile_per_warp):
+    """Keep the configs whose tile is within a factor 2 below the spill budget for this dstate."""
     def prune(configs, named_args, **kwargs):
         block_n = triton.next_power_of_2(named_args["dstate"])
-        dim_per_group = named_args["dim_per_group"]
+        max_block_d = triton.next_power_of_2(named_args["dim_per_group"])
         kept = []
         for config in configs:
             block_d = config.kwargs["BLOCK_D"]
             tile = block_d * block_n * config.kwargs["BLOCK_L"]
-            # Full-ish tiles only: no more than one block of padding channels, and enough
-            # elements that every thread owns some of the tile.
-            if block_d > max(1, triton.next_power_of_2(dim_per_group)):
-                continue
-            if tile > tile_per_warp * config.num_warps or tile < 32 * config.num_warps * 4:
-                continue
-            kept.append(config)
-        if not kept:  # tiny shapes: smallest tile there is
-            kept = [min(configs, key=lambda c: (c.kwargs["BLOCK_D"] * c.kwargs["BLOCK_L"], c.num_warps))]
+            budget = tile_per_warp * config.num_warps
+            if block_d <= max_block_d and budget // 2 < tile <= budget:
+                kept.append(config)
+        if not kept:  # tiny dim or dstate: the largest tile within budget
+            fits = [c for c in configs if c.kwargs["BLOCK_D"] <= max_block_d
+                    and c.kwargs["BLOCK_D"] * block_n * c.kwargs["BLOCK_L"] <= tile_per_warp * c.num_warps]
+            if fits:
+                kept = [max(fits, key=lambda c: (c.kwargs["BLOCK_D"] * c.kwargs["BLOCK_L"], -c.num_warps))]
+            else:  # dstate beyond 64 (backward) / 128 (forward): smallest tile, most warps
+                kept = [min(configs, key=lambda c: (c.kwargs["BLOCK_D"] * c.kwargs["BLOCK_L"], -c.num_warps))]
         return kept
 
     return prune
@@ -214,8 +215,12 @@ def selective_scan_fwd_kernel(
     u_rows = u + pid_b * stride_u_b + offs_d[:, None] * stride_u_d
     delta_rows = delta + pid_b * stride_delta_b + offs_d[:, None] * stride_delta_d
     y_rows = y + pid_b * stride_y_b + offs_d[:, None] * stride_y_d
-    B_rows = B + pid_b * stride_B_b + group.to(tl.int64) * stride_B_g + offs_n[:, None] * stride_B_n
-    C_rows = C + pid_b * stride_C_b + group.to(tl.int64) * stride_C_g + offs_n[:, None] * stride_C_n
+    # (dstate, BLOCK_L) tiles: int64 scalar base, int32 offsets inside one (batch, group) slab
+    # (a pointer tensor costs two registers per element, an int32 offset one).
+    B_base = B + pid_b * stride_B_b + group.to(tl.int64) * stride_B_g
+    C_base = C + pid_b * stride_C_b + group.to(tl.int64) * stride_C_g
+    B_rows = offs_n[:, None] * stride_B_n
+    C_rows = offs_n[:, None] * stride_C_n
 
     for start in range(0, seqlen, BLOCK_L):
         offs_t = start + offs_l
@@ -225,8 +230,10 @@ def selective_scan_fwd_kernel(
         u_t = tl.load(u_rows + offs_t[None, :] * stride_u_l, mask=mask_dl, other=0.0).to(tl.float32)
         dt, _ = _load_delta(delta_rows + offs_t[None, :] * stride_delta_l, mask_dl, bias,
                             HAS_DELTA_BIAS, DELTA_SOFTPLUS)
-        B_t = tl.load(B_rows + offs_t[None, :] * stride_B_l, mask=mask_nl, other=0.0).to(tl.float32)
-        C_t = tl.load(C_rows + offs_t[None, :] * stride_C_l, mask=mask_nl, other=0.0).to(tl.float32)
+        B_t = tl.load(B_base + (B_rows + offs_t[None, :] * stride_B_l), mask=mask_nl, other=0.0)
+        C_t = tl.load(C_base + (C_rows + offs_t[None, :] * stride_C_l), mask=mask_nl, other=0.0)
+        B_t = B_t.to(tl.float32)
+        C_t = C_t.to(tl.float32)
 
         # Padded steps (t >= seqlen) have delta' = 0, u = 0: a = 1, b = 0, the identity.
         a = tl.exp2((dt * _LOG2E)[:, None, :] * A_tile[:, :, None])
@@ -323,11 +330,17 @@ def selective_scan_bwd_kernel(
     delta_rows = delta + pid_b * stride_delta_b + offs_d[:, None] * stride_delta_d
     dy_rows = dy + pid_b * stride_dy_b + offs_d[:, None] * stride_dy_d
     grad_rows = pid_b * stride_grad_b + offs_d[:, None] * stride_grad_d
-    B_rows = B + pid_b * stride_B_b + group.to(tl.int64) * stride_B_g + offs_n[:, None] * stride_B_n
-    C_rows = C + pid_b * stride_C_b + group.to(tl.int64) * stride_C_g + offs_n[:, None] * stride_C_n
+    # (dstate, BLOCK_L) tiles: int64 scalar base, int32 offsets inside one (batch, group) slab
+    # (a pointer tensor costs two registers per element, an int32 offset one).
+    B_base = B + pid_b * stride_B_b + group.to(tl.int64) * stride_B_g
+    C_base = C + pid_b * stride_C_b + group.to(tl.int64) * stride_C_g
+    B_rows = offs_n[:, None] * stride_B_n
+    C_rows = offs_n[:, None] * stride_C_n
     # dB_part[b, g, dblock, n, t] / dC_part, contiguous
-    part_rows = ((pid_b * (dim // dim_per_group) + group) * n_dblocks + pid_dblock) * dstate * seqlen \
-        + offs_n[:, None] * seqlen
+    part_base = ((pid_b * (dim // dim_per_group) + group) * n_dblocks + pid_dblock) * dstate * seqlen
+    dB_base = dB_part + part_base
+    dC_base = dC_part + part_base
+    part_rows = offs_n[:, None] * seqlen
 
     # Sweep 1: chunk start states.
     if USE_INITIAL_STATE:
@@ -342,8 +355,8 @@ def selective_scan_bwd_kernel(
         u_t = tl.load(u_rows + offs_t[None, :] * stride_u_l, mask=mask_dl, other=0.0).to(tl.float32)
         dt, _ = _load_delta(delta_rows + offs_t[None, :] * stride_delta_l, mask_dl, bias,
                             HAS_DELTA_BIAS, DELTA_SOFTPLUS)
-        B_t = tl.load(B_rows + offs_t[None, :] * stride_B_l, mask=mask_n[:, None] & mask_t[None, :],
-                      other=0.0).to(tl.float32)
+        mask_nl = mask_n[:, None] & mask_t[None, :]
+        B_t = tl.load(B_base + (B_rows + offs_t[None, :] * stride_B_l), mask=mask_nl, other=0.0).to(tl.float32)
         a = tl.exp2(dt[:, None, :] * A_log2e[:, :, None])
         b = (dt * u_t)[:, None, :] * B_t[None, :, :]
         a, b = _linear_scan(a, b, BLOCK_L, False, GATHER_SCAN)
@@ -374,8 +387,10 @@ def selective_scan_bwd_kernel(
         dt_next, _ = _load_delta(delta_rows + (offs_t + 1)[None, :] * stride_delta_l, mask_next, bias,
                                  HAS_DELTA_BIAS, DELTA_SOFTPLUS)
         dy_t = tl.load(dy_rows + offs_t[None, :] * stride_dy_l, mask=mask_dl, other=0.0).to(tl.float32)
-        B_t = tl.load(B_rows + offs_t[None, :] * stride_B_l, mask=mask_nl, other=0.0).to(tl.float32)
-        C_t = tl.load(C_rows + offs_t[None, :] * stride_C_l, mask=mask_nl, other=0.0).to(tl.float32)
+        B_t = tl.load(B_base + (B_rows + offs_t[None, :] * stride_B_l), mask=mask_nl, other=0.0)
+        C_t = tl.load(C_base + (C_rows + offs_t[None, :] * stride_C_l), mask=mask_nl, other=0.0)
+        B_t = B_t.to(tl.float32)
+        C_t = C_t.to(tl.float32)
         h_start = tl.load(chunk_states + chunk_offs + chunk * dstate, mask=mask_dn, other=0.0)
 
         # Recompute h inside the chunk.
@@ -394,7 +409,7 @@ def selective_scan_bwd_kernel(
             tl.store(dz + grad_rows + offs_t[None, :], dz_t.to(dz.dtype.element_ty), mask=mask_dl)
             dy_t = dy_t * z_t * sig_z
         dC_t = tl.sum(h_all * dy_t[:, None, :], axis=0)
-        tl.store(dC_part + part_rows + offs_t[None, :], dC_t, mask=mask_nl)
+        tl.store(dC_base + (part_rows + offs_t[None, :]), dC_t, mask=mask_nl)
         # a_t h_{t-1}; at padded steps it is h_{seqlen}, harmless: every use below has delta' = 0
         # or is masked there.
         ah_prev = h_all - x
@@ -411,7 +426,7 @@ def selective_scan_bwd_kernel(
         ddt = gB * u_t + tl.sum(q * A_tile[:, :, None], axis=1)
         dA_acc += tl.sum(q * dt[:, None, :], axis=2)
         dB_t = tl.sum(g * (dt * u_t)[:, None, :], axis=0)
-        tl.store(dB_part + part_rows + offs_t[None, :], dB_t, mask=mask_nl)
+        tl.store(dB_base + (part_rows + offs_t[None, :]), dB_t, mask=mask_nl)
         du_t = gB * dt
         if HAS_D:
             du_t += D_vec[:, None] * dy_t
@@ -426,7 +441,8 @@ def selective_scan_bwd_kernel(
 
     if USE_INITIAL_STATE:
         # dh_0 = a_1 g_1 with g_carry = g_1 now.
-        dt0, _ = _load_delta(delta_rows + tl.zeros((1, 1), dtype=tl.int64), mask_d[:, None], bias,
+        first = tl.zeros((1, 1), dtype=tl.int32)
+        dt0, _ = _load_delta(delta_rows + first, mask_d[:, None] & (first < seqlen), bias,
                              HAS_DELTA_BIAS, DELTA_SOFTPLUS)
         dh0 = tl.exp2(dt0 * A_log2e) * g_carry
         tl.store(dinitial_state + state_offs, dh0, mask=mask_dn)
@@ -517,7 +533,8 @@ def selective_scan_bwd(dy, dlast_state, u, delta, A, B, C, D, z, delta_bias, del
 # innermost strides 1 as the JIT specialises them for contiguous tensors.
 # ----------------------------------------------------------------------------------------------
 def _jit_fn(kernel):
-    while not isinstance(kernel, triton.runtime.jit.JITFunction):
+    # Unwrap heuristics/autotune (the interpreter's innermost object is not a JITFunction).
+    while isinstance(kernel, (triton.runtime.autotuner.Heuristics, triton.runtime.autotuner.Autotuner)):
         kernel = kernel.fn
     return kernel
 
