@@ -69,6 +69,9 @@ def _runs_on(backend: str, device: torch.device) -> bool:
     return False
 
 
+# The choice is a trace-time constant for torch.compile: evaluated once, not traced (it reads the
+# environment and probes ctypes libraries, which dynamo cannot follow).
+@torch._dynamo.assume_constant_result
 def resolve(backend: str | None, device: torch.device, supported: tuple[str, ...] = BACKENDS,
             native_symbol: str | None = None) -> str:
     """Pick the backend for one call on tensors living on `device`; raise a ValueError saying what to do.

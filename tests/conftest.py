@@ -17,7 +17,8 @@ _empty, _empty_like = torch.empty, torch.empty_like
 
 def _poison(t):
     if t.is_floating_point() and t.numel() > 0:
-        t.fill_(float("nan"))
+        with torch.no_grad():  # an empty(..., requires_grad=True) leaf may be poisoned too
+            t.fill_(float("nan"))
     return t
 
 

@@ -89,6 +89,11 @@ inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
 inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 inline vf vdiv(vf a, vf b) { return _mm512_div_ps(a, b); }
 inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+// 1/x for finite nonzero x to ~1 ulp: 14-bit estimate and one Newton step (vdivps is slow).
+inline vf vrcp(vf x) {
+  vf r = _mm512_rcp14_ps(x);
+  return _mm512_fmadd_ps(r, _mm512_fnmadd_ps(x, r, _mm512_set1_ps(1.f)), r);
+}
 // max(c, x) / min(c, x) with a constant c: returns x when x is NaN (so NaN propagates).
 inline vf vmax_c(float c, vf x) { return _mm512_max_ps(_mm512_set1_ps(c), x); }
 inline vf vmin_c(float c, vf x) { return _mm512_min_ps(_mm512_set1_ps(c), x); }
@@ -135,6 +140,7 @@ inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
 inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
 inline vf vdiv(vf a, vf b) { return _mm256_div_ps(a, b); }
 inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+inline vf vrcp(vf x) { return _mm256_div_ps(_mm256_set1_ps(1.f), x); }
 inline vf vmax_c(float c, vf x) { return _mm256_max_ps(_mm256_set1_ps(c), x); }
 inline vf vmin_c(float c, vf x) { return _mm256_min_ps(_mm256_set1_ps(c), x); }
 inline vf vselect_gt(vf x, float thr, vf if_gt, vf otherwise) {
@@ -196,6 +202,7 @@ inline vf vsub(vf a, vf b) { return a - b; }
 inline vf vmul(vf a, vf b) { return a * b; }
 inline vf vdiv(vf a, vf b) { return a / b; }
 inline vf vfma(vf a, vf b, vf c) { return std::fma(a, b, c); }
+inline vf vrcp(vf x) { return 1.f / x; }
 inline vf vmax_c(float c, vf x) { return std::isnan(x) ? x : (x > c ? x : c); }
 inline vf vmin_c(float c, vf x) { return std::isnan(x) ? x : (x < c ? x : c); }
 inline vf vselect_gt(vf x, float thr, vf if_gt, vf otherwise) { return x > thr ? if_gt : otherwise; }
@@ -213,7 +220,7 @@ inline vf vlog(vf x) {
 #else
   vf m, ef;
   vlog_split(x, m, ef);
-  vf s = vdiv(vsub(m, vset1(1.f)), vadd(m, vset1(1.f)));
+  vf s = vmul(vsub(m, vset1(1.f)), vrcp(vadd(m, vset1(1.f))));
   vf s2 = vmul(s, s);
   vf q = vfma(vset1(1.f / 11), s2, vset1(1.f / 9));
   q = vfma(q, s2, vset1(1.f / 7));
@@ -231,7 +238,7 @@ inline vf vexp(vf x) {
 #if defined(FS_SIMD_SCALAR)
   return std::exp(x);
 #else
-  x = vmin_c(89.f, vmax_c(-104.f, x));
+  x = vmin_c(88.7f, vmax_c(-104.f, x));
   vf n = vround(vmul(x, vset1(kLog2e)));
   vf r = vfma(n, vset1(-0.693145751953125f), x);
   r = vfma(n, vset1(-1.428606765330187e-06f), r);
@@ -255,7 +262,7 @@ inline vf vsoftplus(vf x) {
   vf w = vadd(vset1(1.f), e);
   // log1p(e) = log(w) * e / (w - 1) with w = fl(1 + e) (exact when w == 1: then log1p(e) = e)
   vf wm1 = vsub(w, vset1(1.f));
-  vf ratio = vdiv(e, wm1);
+  vf ratio = vmul(e, vrcp(wm1));  // lanes with wm1 == 0 are replaced below
   vf lp = vmul(vlog(w), ratio);
   lp = vselect_gt(wm1, 0.f, lp, e);
   return vselect_gt(x, 20.f, x, lp);
@@ -263,7 +270,8 @@ inline vf vsoftplus(vf x) {
 }
 
 // 1 / (1 + exp(-x))
-inline vf vsigmoid(vf x) { return vdiv(vset1(1.f), vadd(vset1(1.f), vexp(vsub(vzero(), x)))); }
+// 1 / (1 + exp(-x)); vexp saturates at exp(88) so the denominator stays finite (result 0, not NaN).
+inline vf vsigmoid(vf x) { return vrcp(vadd(vset1(1.f), vexp(vmin_c(88.f, vsub(vzero(), x))))); }
 
 // ---- vector loads and stores with dtype conversion ------------------------------------------------
 // kW consecutive elements base[i .. i + kW) of the given dtype.
