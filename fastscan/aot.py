@@ -100,8 +100,8 @@ def _demangle(names: list[str]) -> dict[str, str]:
     if not cxxfilt or not names:
         return {n: n for n in names}
     out = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
-    return {n: re.sub(r"\(.*", "", d) + ("<" + d.split("<", 1)[1].split(">(")[0] + ">" if "<" in d else "")
-            for n, d in zip(names, out)}
+    # "void ns::kernel<128, 8, float>(const Params*)" -> "kernel<128, 8, float>"
+    return {n: re.sub(r"\b\w+::", "", re.sub(r"^\S+ ", "", d.split("(")[0])) for n, d in zip(names, out)}
 
 
 def _parse_ptxas(log: str, source: str, arch: int) -> list[Row]:

@@ -42,9 +42,11 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     state = (initial_state.to(ct) if initial_state is not None
              else u.new_zeros(batch, dim, dstate))
     ys = []
-    for t in range(seqlen):
-        state = delta_A[:, :, t] * state + delta_B_u[:, :, t]
-        ys.append((state * C[:, :, t]).sum(-1))
+    # unbind rather than index per step: the backward of x[:, :, t] would allocate a zero gradient
+    # the size of x for every step (quadratic in seqlen); unbind's backward is one stack.
+    for dA_t, dBu_t, C_t in zip(delta_A.unbind(2), delta_B_u.unbind(2), C.unbind(2)):
+        state = dA_t * state + dBu_t
+        ys.append((state * C_t).sum(-1))
     y = torch.stack(ys, dim=-1)
     if D is not None:
         y = y + u * D.to(ct)[:, None]
