@@ -24,8 +24,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-TRITON_OPS = ["fastscan.selective_scan.triton"]
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+PACKAGE = Path(__file__).resolve().parent
+CSRC = PACKAGE.parent / "csrc"
+# Every op folder with a triton.py exports AOT_SPECS.
+TRITON_OPS = [f"fastscan.{p.parent.name}.triton" for p in sorted(PACKAGE.glob("*/triton.py"))]
 
 
 @dataclass

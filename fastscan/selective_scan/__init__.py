@@ -11,12 +11,10 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from ..validation import FLOAT_DTYPES, expect as _expect, expect_same_device, expect_tensor, shape_of
 from .reference import selective_scan_ref
 
 __all__ = ["selective_scan_fn", "selective_scan_ref"]
-
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-
 
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                       return_last_state=False, initial_state=None, backend=None):
@@ -58,19 +56,14 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     return (y, last_state) if return_last_state else y
 
 
-def _expect(cond, msg):
-    if not cond:
-        raise ValueError(msg)
-
-
 def _validate(u, delta, A, B, C, D, z, delta_bias, initial_state):
     for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
-        _expect(isinstance(t, Tensor), f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        expect_tensor(name, t)
     if A.is_complex():
         raise NotImplementedError("A: complex A (S4D-complex) is not implemented; pass a real float32 A")
     _expect(u.dim() == 3, f"u: expected (batch, dim, seqlen), got shape {tuple(u.shape)}")
     batch, dim, seqlen = u.shape
-    _expect(u.dtype in _FLOATS, f"u: expected float32, float16 or bfloat16, got {u.dtype}")
+    _expect(u.dtype in FLOAT_DTYPES, f"u: expected float32, float16 or bfloat16, got {u.dtype}")
     _expect(seqlen >= 1 and dim >= 1 and batch >= 1, f"u: every size must be >= 1, got {tuple(u.shape)}")
     _expect(delta.shape == u.shape, f"delta: expected shape {tuple(u.shape)} (as u), got {tuple(delta.shape)}")
     _expect(delta.dtype == u.dtype, f"delta: expected u's dtype {u.dtype}, got {delta.dtype}")
@@ -89,28 +82,25 @@ def _validate(u, delta, A, B, C, D, z, delta_bias, initial_state):
     _expect(B.shape[0] == batch and B.shape[2] == dstate and B.shape[3] == seqlen,
             f"B: expected (batch={batch}, [groups,] dstate={dstate}, seqlen={seqlen}), got {tuple(B.shape)}")
     _expect(groups >= 1 and dim % groups == 0, f"B: dim={dim} must be divisible by groups={groups}")
-    _expect(B.dtype in _FLOATS and C.dtype in _FLOATS, f"B, C: expected a float dtype, got {B.dtype}, {C.dtype}")
+    _expect(B.dtype in FLOAT_DTYPES and C.dtype in FLOAT_DTYPES, f"B, C: expected a float dtype, got {B.dtype}, {C.dtype}")
     B, C = B.to(u.dtype), C.to(u.dtype)
     if z is not None:
         _expect(isinstance(z, Tensor) and z.shape == u.shape,
-                f"z: expected shape {tuple(u.shape)} (as u), got {tuple(getattr(z, 'shape', ()))}")
+                f"z: expected shape {tuple(u.shape)} (as u), got {shape_of(z)}")
         z = z.to(u.dtype)
     for name, t in (("D", D), ("delta_bias", delta_bias)):
         if t is not None:
             _expect(isinstance(t, Tensor) and t.shape == (dim,),
-                    f"{name}: expected shape ({dim},), got {tuple(getattr(t, 'shape', ()))}")
+                    f"{name}: expected shape ({dim},), got {shape_of(t)}")
     D = D.float() if D is not None else None
     delta_bias = delta_bias.float() if delta_bias is not None else None
     if initial_state is not None:
         _expect(isinstance(initial_state, Tensor) and initial_state.shape == (batch, dim, dstate),
                 f"initial_state: expected shape ({batch}, {dim}, {dstate}), "
-                f"got {tuple(getattr(initial_state, 'shape', ()))}")
+                f"got {shape_of(initial_state)}")
         initial_state = initial_state.float()
-    tensors = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z,
-               "delta_bias": delta_bias, "initial_state": initial_state}
-    for name, t in tensors.items():
-        if t is not None and t.device != u.device:
-            raise ValueError(f"{name}: expected device {u.device} (as u), got {t.device}")
+    expect_same_device("u", u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
+                       initial_state=initial_state)
     return u, delta, A, B, C, D, z, delta_bias, initial_state
 
 
