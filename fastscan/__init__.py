@@ -1,11 +1,18 @@
 """fastscan: Triton, CUDA and C++ kernels for hybrid Mamba + Transformer models.
 
 Public API (signatures follow mamba-ssm / causal-conv1d / flash-attn so they are drop-in):
-  selective_scan_fn      Mamba-1 selective scan, forward and backward, with initial/last state
-  available_backends     which backends this machine can run
+  selective_scan_fn        Mamba-1 selective scan, forward and backward, with initial/last state
+  selective_state_update   Mamba-1 decode step: advances the SSM state in place for one token
+  causal_conv1d_fn         causal depthwise conv1d (causal-conv1d's signature), forward and backward
+  causal_conv1d_update     its decode step: advances conv_state in place for new tokens
+  pool2d_tokens            2D pooling of vision patch tokens, optionally scattered into embedding rows
+  available_backends       which backends this machine can run
 """
 from .backends import available_backends
+from .causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+from .pool2d import pool2d_tokens
 from .selective_scan import selective_scan_fn
+from .state_update import selective_state_update
 
-__all__ = ["available_backends", "selective_scan_fn"]
+__all__ = ["available_backends", "causal_conv1d_fn", "causal_conv1d_update", "pool2d_tokens", "selective_scan_fn", "selective_state_update"]
 __version__ = "0.1.0"
