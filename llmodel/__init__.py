@@ -1,0 +1,18 @@
+"""llmodel: a small, readable LongLLaVA model package built on fastscan's public ops.
+
+Public API:
+  LMConfig, named_config        the language model's config (from/to HF config.json; longllava-9b, longllava-a13b)
+  HybridLM                      the decoder: per-layer Mamba | attention mixer, MLP | MoE FFN
+  HybridCache                   KV cache for attention layers, conv + SSM state for Mamba layers
+  load_lm, save_lm              safetensors checkpoints in HF layouts (Jamba, Mamba, Qwen2, Llama)
+  generate                      chunked prefill + decode loop + sampling
+"""
+from .config import LMConfig, MambaConfig, MoEConfig, NAMED_CONFIGS, named_config
+from .cache import HybridCache
+from .lm import HybridLM
+from .checkpoint import load_lm, save_lm
+# Bound after the submodule import on purpose: `llmodel.generate` is the function, not the module.
+from .generate import generate
+
+__all__ = ["LMConfig", "MambaConfig", "MoEConfig", "NAMED_CONFIGS", "named_config", "HybridCache", "HybridLM",
+           "load_lm", "save_lm", "generate"]

@@ -1,0 +1,192 @@
+"""llmodel's decoder against Hugging Face's own modules: tiny random HF models, saved with save_pretrained,
+loaded with llmodel.load_lm, must give the same logits (fp32, relative error norm <= 1e-4)."""
+import json
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+import llmodel  # noqa: E402
+from llmodel import LMConfig, named_config  # noqa: E402
+from llmodel.checkpoint import load_lm, save_lm  # noqa: E402
+
+TOL = 1e-4
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def tiny_jamba(**over):
+    cfg = dict(vocab_size=97, hidden_size=32, intermediate_size=40, num_hidden_layers=6, num_attention_heads=4,
+               num_key_value_heads=2, attn_layer_period=3, attn_layer_offset=1, expert_layer_period=2,
+               expert_layer_offset=1, num_experts=4, num_experts_per_tok=2, mamba_d_state=8, mamba_d_conv=4,
+               mamba_expand=2, mamba_dt_rank=6, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg.update(over)
+    return transformers.JambaForCausalLM(transformers.JambaConfig(**cfg))
+
+
+def tiny_mamba():
+    return transformers.MambaForCausalLM(transformers.MambaConfig(vocab_size=97, hidden_size=32, state_size=8,
+                                                                  num_hidden_layers=3, time_step_rank=5))
+
+
+def tiny_qwen2():
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}))
+
+
+def tiny_llama():
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, attention_bias=True, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "linear", "rope_theta": 500.0, "factor": 2.0}))
+
+
+def randomize(hf_model, seed=0):
+    """HF initializes norms to 1, D to 1, biases to 0: randomize everything so each weight matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in hf_model.named_parameters():
+            if name.endswith("A_log"):
+                continue
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return hf_model.eval()
+
+
+def save_hf(hf_model, path):
+    hf_model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("make", [tiny_jamba, tiny_mamba, tiny_qwen2, tiny_llama],
+                         ids=["jamba", "mamba", "qwen2", "llama"])
+def test_logits_match_hf(make, tmp_path):
+    torch.manual_seed(0)
+    hf = randomize(make())
+    save_hf(hf, tmp_path)
+    ours = load_lm(tmp_path, dtype=torch.float32)
+    ids = torch.randint(3, 97, (2, 23))
+    with torch.no_grad():
+        expected = hf(input_ids=ids).logits
+        got = ours(input_ids=ids)
+        got_embeds = ours(inputs_embeds=ours.embed_tokens(ids))
+    assert got.shape == expected.shape
+    assert rel_err(got, expected) <= TOL, rel_err(got, expected)
+    assert torch.equal(got, got_embeds)
+
+
+def test_jamba_layer_pattern_matches_hf():
+    hf_cfg = transformers.JambaConfig(num_hidden_layers=16, num_experts=4)
+    ours = LMConfig.from_hf(hf_cfg.to_dict())
+    assert ours.layer_mixers == hf_cfg.layers_block_type
+    assert ours.layer_ffns == ["moe" if n > 1 else "mlp" for n in hf_cfg.layers_num_experts]
+    # LongLLaVA-9B: one expert means Jamba builds plain MLPs everywhere.
+    assert set(named_config("longllava-9b").layer_ffns) == {"mlp"}
+    a13b = named_config("longllava-a13b")
+    assert a13b.layer_ffns[1] == "moe" and a13b.layer_mixers[4] == "attention" and a13b.layer_mixers.count("attention") == 4
+
+
+def test_config_round_trip_through_hf_dict():
+    for name in ("longllava-9b", "longllava-a13b"):
+        cfg = named_config(name)
+        assert LMConfig.from_hf(cfg.to_hf()) == cfg
+
+
+def test_moe_routes_only_chosen_tokens():
+    """Each expert sees exactly the tokens that picked it (never all tokens)."""
+    cfg = LMConfig.from_hf(tiny_jamba().config.to_dict())
+    model = llmodel.HybridLM(cfg)
+    moe = model.layers[1].feed_forward
+    seen = []
+    for e, expert in enumerate(moe.experts):
+        expert.register_forward_hook(lambda m, args, out, e=e: seen.append((e, args[0].shape[0])))
+    x = torch.randn(1, 10, cfg.hidden_size)
+    moe(x)
+    chosen = torch.topk(torch.softmax(moe.router(x.view(10, -1)), -1), 2).indices
+    assert sum(n for _, n in seen) == 10 * 2
+    for e, n in seen:
+        assert n == int((chosen == e).sum())
+
+
+def test_save_load_round_trip_and_hf_reads_it(tmp_path):
+    torch.manual_seed(1)
+    hf = randomize(tiny_jamba())
+    save_hf(hf, tmp_path / "hf")
+    ours = load_lm(tmp_path / "hf")
+    save_lm(ours, tmp_path / "ours")
+    again = load_lm(tmp_path / "ours")
+    ids = torch.randint(3, 97, (1, 11))
+    with torch.no_grad():
+        assert torch.equal(ours(input_ids=ids), again(input_ids=ids))
+        hf_again = transformers.JambaForCausalLM.from_pretrained(tmp_path / "ours").eval()
+        assert rel_err(ours(input_ids=ids), hf_again(input_ids=ids).logits) <= TOL
+    assert not [f for f in os.listdir(tmp_path / "ours") if f.startswith(".tmp-")]
+
+
+def _rewrite(path, edit):
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(path / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_load_refuses_missing_unexpected_misshaped(tmp_path):
+    save_hf(tiny_jamba(), tmp_path)
+    _rewrite(tmp_path, lambda t: (t.pop("model.layers.0.mamba.D"), t.__setitem__("model.extra.weight", torch.ones(2)),
+                                  t.__setitem__("model.final_layernorm.weight", torch.ones(33))))
+    with pytest.raises(ValueError) as info:
+        load_lm(tmp_path)
+    msg = str(info.value)
+    assert "missing (1): model.layers.0.mamba.D" in msg
+    assert "unexpected (1): model.extra.weight" in msg
+    assert "mis-shaped (1): model.final_layernorm.weight [33] (expected [32])" in msg
+
+
+def test_sharded_checkpoint_and_dtype(tmp_path):
+    hf = randomize(tiny_qwen2())
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    ours = load_lm(tmp_path, dtype=torch.bfloat16)
+    assert ours.embed_tokens.weight.dtype == torch.bfloat16
+    ids = torch.randint(3, 97, (1, 9))
+    with torch.no_grad():
+        assert rel_err(ours.float()(input_ids=ids), hf(input_ids=ids).logits) < 2e-2
+
+
+def test_gradient_checkpointing_same_grads():
+    cfg = LMConfig.from_hf(tiny_jamba().config.to_dict())
+    torch.manual_seed(0)
+    model = llmodel.HybridLM(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    grads = []
+    for flag in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing = flag
+        model.train()
+        model(input_ids=ids).logsumexp(-1).sum().backward()
+        grads.append(model.layers[0].mamba.in_proj.weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_moe_equals_dense_reference(renormalize):
+    """Grouped dispatch == every expert on every token weighted by the (optionally renormalized) top-k."""
+    cfg = LMConfig.from_hf(tiny_jamba().config.to_dict())
+    cfg.moe.renormalize = renormalize
+    torch.manual_seed(0)
+    moe = llmodel.HybridLM(cfg).layers[1].feed_forward
+    x = torch.randn(3, 7, cfg.hidden_size)
+    probs = torch.softmax(moe.router(x), -1)
+    top_w, top_i = torch.topk(probs, cfg.moe.top_k, -1)
+    if renormalize:
+        top_w = top_w / top_w.sum(-1, keepdim=True)
+    dense = torch.stack([expert(x) for expert in moe.experts], -2)  # (3, 7, E, hidden)
+    weights = torch.zeros_like(probs).scatter(-1, top_i, top_w)
+    expected = (dense * weights[..., None]).sum(-2)
+    assert rel_err(moe(x), expected) <= 1e-6
