@@ -8,6 +8,7 @@
 
 #include <stdint.h>
 
+#include "cuda_dtype.cuh"
 #include "cuda_emu.h"
 #include "causal_conv1d_abi.h"
 #include "status.h"
@@ -27,18 +28,6 @@ constexpr int kTimeChunk = kTimeThreads * kTimeItems;
 constexpr int kLaneThreads = 128;
 constexpr int kLaneChunk = 128;
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 // Element i of a tensor whose dtype is only known at run time (the update's conv_state).
 __device__ __forceinline__ float load_any(const void* p, int64_t i, int dtype) {

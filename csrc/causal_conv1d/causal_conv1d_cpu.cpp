@@ -28,6 +28,7 @@
 #include "status.h"
 
 namespace {
+using fs_cpu::FloatBuf;
 using namespace fs_cpu;
 
 constexpr int kMaxW = FS_CONV1D_MAX_WIDTH;
@@ -39,19 +40,6 @@ constexpr int64_t kRowChunk = 2048;
 constexpr int64_t kFwdLanesBlock = 256, kFwdLanesChunk = 64;
 constexpr int64_t kBwdLanesBlock = 64, kBwdLanesChunk = 128;
 
-struct FloatBuf {
-  float* p = nullptr;
-  FloatBuf() = default;
-  FloatBuf(const FloatBuf&) = delete;
-  FloatBuf& operator=(const FloatBuf&) = delete;
-  ~FloatBuf() { std::free(p); }
-  bool alloc(int64_t n) {
-    std::free(p);
-    size_t bytes = (size_t(std::max<int64_t>(n, 1)) * sizeof(float) + 63) / 64 * 64;
-    p = static_cast<float*>(std::aligned_alloc(64, bytes));
-    return p != nullptr;
-  }
-};
 
 inline float sigmoid_f(float z) { return 1.f / (1.f + std::exp(-z)); }
 inline float dsilu_f(float z) {

@@ -5,8 +5,10 @@
 // No -ffast-math: NaN and inf must keep their IEEE meaning, so the fast functions below are written
 // to propagate NaN and to flush very negative exp arguments to 0 (never to NaN).
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #if defined(__AVX512F__) && defined(__AVX512DQ__)
@@ -20,6 +22,21 @@
 #include "fastscan_abi.h"
 
 namespace fs_cpu {
+
+// 64-byte aligned float array, freed on scope exit; alloc() returns false on failure.
+struct FloatBuf {
+  float* p = nullptr;
+  FloatBuf() = default;
+  FloatBuf(const FloatBuf&) = delete;
+  FloatBuf& operator=(const FloatBuf&) = delete;
+  ~FloatBuf() { std::free(p); }
+  bool alloc(int64_t n) {
+    std::free(p);
+    size_t bytes = (size_t(std::max<int64_t>(n, 1)) * sizeof(float) + 63) / 64 * 64;
+    p = static_cast<float*>(std::aligned_alloc(64, bytes));
+    return p != nullptr;
+  }
+};
 
 // ---- scalar dtype conversion -----------------------------------------------------------------
 inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }

@@ -14,6 +14,7 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "cuda_dtype.cuh"
 #include "cuda_emu.h"
 #include "pool2d_abi.h"
 #include "status.h"
@@ -21,20 +22,6 @@
 namespace fastscan {
 namespace pool2d {
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
 
 // 16-bit element bits <-> float (the 16-byte path unpacks words itself: an array of __half or
 // __nv_bfloat16 filled by memcpy made ptxas put it on the stack).

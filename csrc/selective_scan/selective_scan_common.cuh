@@ -11,6 +11,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "cuda_dtype.cuh"
 #include "cuda_emu.h"
 #include "fastscan_abi.h"
 #include "status.h"
@@ -46,21 +47,6 @@ inline int64_t num_chunks_for(int64_t seqlen) {
   return (seqlen + chunk - 1) / chunk;
 }
 
-// ---- dtype conversion ---------------------------------------------------------------------------
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
 
 // Widest vector (<= 16 bytes) that covers one thread's items.
 template <int kBytes>

@@ -27,6 +27,7 @@
 #include "status.h"
 
 namespace {
+using fs_cpu::FloatBuf;
 using namespace fs_cpu;
 
 constexpr int kChunk = 64;
@@ -35,20 +36,6 @@ struct Shape {
   int64_t batch, dim, L, N, G, dpg, tiles;  // dpg: channels per group; tiles: per group
 };
 
-// 64-byte aligned float array, freed on scope exit; alloc() returns false on failure.
-struct FloatBuf {
-  float* p = nullptr;
-  FloatBuf() = default;
-  FloatBuf(const FloatBuf&) = delete;
-  FloatBuf& operator=(const FloatBuf&) = delete;
-  ~FloatBuf() { std::free(p); }
-  bool alloc(int64_t n) {
-    std::free(p);
-    size_t bytes = (size_t(std::max<int64_t>(n, 1)) * sizeof(float) + 63) / 64 * 64;
-    p = static_cast<float*>(std::aligned_alloc(64, bytes));
-    return p != nullptr;
-  }
-};
 
 // buf[t * kW + c] = float(src[off + c * sd + t * st]) for t < T, c < w; lanes c >= w are 0.
 void load_tile(float* buf, const void* src, int dtype, int64_t off, int64_t sd, int64_t st, int w, int T) {

@@ -6,6 +6,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "cuda_dtype.cuh"
 #include "cuda_emu.h"
 #include "state_update_abi.h"
 #include "status.h"
@@ -19,18 +20,6 @@ constexpr int kThreads = 128;
 // Consecutive states per lane: one 16-byte load for a float32 row, 8 bytes for 16-bit rows.
 constexpr int kItems = 4;
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // The vector type of kItems elements of X.
 template <int kBytes>
