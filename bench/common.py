@@ -93,3 +93,12 @@ def plot(name: str, rows: list[dict], title: str) -> Path | None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def report(name: str, rows: list[dict], columns: list[str], title: str) -> None:
+    """The end of every bench script: the table, CSV rows in bench/results/<name>.csv, the plot."""
+    print()
+    print_table(rows, columns)
+    csv_path = append_csv(name, rows)
+    png = plot(name, rows, title)
+    print(f"\nappended {len(rows)} rows to {csv_path}" + (f"; plot: {png}" if png else ""))

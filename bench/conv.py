@@ -100,12 +100,8 @@ def main(argv=None):
                                  device=dev, git_sha=sha,
                                  speedup_vs_conv1d=f"{base / median:.2f}x" if base else "-"))
                 print(f"  {rows[-1]['op']:22} {name:13} {shape:26} {median:10.2f} ms", flush=True)
-    print()
-    common.print_table(rows, ["op", "backend", "shape", "dtype", "median_ms", "p20_ms", "p80_ms",
-                              "speedup_vs_conv1d"])
-    csv_path = common.append_csv("conv", rows)
-    png = common.plot("conv", rows, f"causal conv1d, {args.dtype}, {dev}")
-    print(f"\nappended {len(rows)} rows to {csv_path}" + (f"; plot: {png}" if png else ""))
+    columns = ["op", "backend", "shape", "dtype", "median_ms", "p20_ms", "p80_ms", "speedup_vs_conv1d"]
+    common.report("conv", rows, columns, f"causal conv1d, {args.dtype}, {dev}")
 
 
 if __name__ == "__main__":

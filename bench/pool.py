@@ -91,12 +91,8 @@ def main(argv=None):
                                      device=dev, git_sha=sha, gbps=_gbps(x, H, W, kernel, mode, median),
                                      speedup_vs_torch_path=f"{base / median:.2f}x"))
                     print(f"  {rows[-1]['op']:16} {name:10} {shape:22} {dtype_name:9} {median:9.3f} ms", flush=True)
-    print()
-    common.print_table(rows, ["op", "backend", "shape", "dtype", "median_ms", "p20_ms", "p80_ms", "gbps",
-                              "speedup_vs_torch_path"])
-    csv_path = common.append_csv("pool", rows)
-    png = common.plot("pool", rows, f"pool2d_tokens, {dev}")
-    print(f"\nappended {len(rows)} rows to {csv_path}" + (f"; plot: {png}" if png else ""))
+    columns = ["op", "backend", "shape", "dtype", "median_ms", "p20_ms", "p80_ms", "gbps", "speedup_vs_torch_path"]
+    common.report("pool", rows, columns, f"pool2d_tokens, {dev}")
 
 
 def _step(mode, name, backend, x, out, index, buffer_rows, H, W, kernel):

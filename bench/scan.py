@@ -93,12 +93,8 @@ def main(argv=None):
                                  device=dev, git_sha=sha,
                                  speedup_vs_loop=f"{base / median:.1f}x" if base else "-"))
                 print(f"  {rows[-1]['op']:22} {name:9} {shape:24} {median:10.2f} ms", flush=True)
-    print()
-    common.print_table(rows, ["op", "backend", "shape", "dtype", "median_ms", "p20_ms", "p80_ms",
-                              "speedup_vs_loop"])
-    csv_path = common.append_csv("scan", rows)
-    png = common.plot("scan", rows, f"selective scan, {args.dtype}, {dev}")
-    print(f"\nappended {len(rows)} rows to {csv_path}" + (f"; plot: {png}" if png else ""))
+    columns = ["op", "backend", "shape", "dtype", "median_ms", "p20_ms", "p80_ms", "speedup_vs_loop"]
+    common.report("scan", rows, columns, f"selective scan, {args.dtype}, {dev}")
 
 
 if __name__ == "__main__":

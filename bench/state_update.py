@@ -92,12 +92,8 @@ def main(argv=None):
                              state_GBps=f"{state_bytes / (median * 1e-3) / 1e9:.1f}",
                              speedup_vs_torch=f"{base / median:.1f}x" if base else "-"))
             print(f"  {name:9} {shape:20} {median * 1e3:10.1f} us", flush=True)
-    print()
-    common.print_table(rows, ["op", "backend", "shape", "dtype", "median_ms", "p20_ms", "p80_ms", "state_GBps",
-                              "speedup_vs_torch"])
-    csv_path = common.append_csv("state_update", rows)
-    png = common.plot("state_update", rows, f"selective_state_update, {dtype_label}, {dev}")
-    print(f"\nappended {len(rows)} rows to {csv_path}" + (f"; plot: {png}" if png else ""))
+    columns = ["op", "backend", "shape", "dtype", "median_ms", "p20_ms", "p80_ms", "state_GBps", "speedup_vs_torch"]
+    common.report("state_update", rows, columns, f"selective_state_update, {dtype_label}, {dev}")
 
 
 if __name__ == "__main__":
