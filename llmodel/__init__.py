@@ -6,6 +6,8 @@ Public API:
   HybridCache                   KV cache for attention layers, conv + SSM state for Mamba layers
   load_lm, save_lm              safetensors checkpoints in HF layouts (Jamba, Mamba, Qwen2, Llama)
   generate                      chunked prefill + decode loop + sampling
+  VisionTower, load_vision      CLIP / SigLIP / DINOv2 towers from HF-layout safetensors
+  formats, pixels               prompt templates with placeholder expansion; image/tile/video preprocessing
 """
 from .config import LMConfig, MambaConfig, MoEConfig, NAMED_CONFIGS, named_config
 from .cache import HybridCache
@@ -13,6 +15,9 @@ from .lm import HybridLM
 from .checkpoint import load_lm, save_lm
 # Bound after the submodule import on purpose: `llmodel.generate` is the function, not the module.
 from .generate import generate
+from .vision import VisionConfig, VisionTower, load_vision, named_vision_config
+from . import formats, pixels
 
 __all__ = ["LMConfig", "MambaConfig", "MoEConfig", "NAMED_CONFIGS", "named_config", "HybridCache", "HybridLM",
-           "load_lm", "save_lm", "generate"]
+           "load_lm", "save_lm", "generate", "VisionConfig", "VisionTower", "load_vision", "named_vision_config",
+           "formats", "pixels"]
