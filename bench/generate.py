@@ -17,7 +17,7 @@ HF's CPU path is its sequential PyTorch Mamba loop (mamba-ssm and causal-conv1d 
 llmodel runs fastscan's compiled cpu kernels. When llmodel's forward is under 5x HF's (the issue's
 target), a torch.profiler table of llmodel's forward shows where its time goes (--profile always/never).
 
-Prints a table with the ratios and appends CSV rows to bench/results/generate.csv.
+Prints a table with the ratios, appends CSV rows to bench/results/generate.csv and plots generate.png.
 """
 from __future__ import annotations
 
@@ -70,11 +70,21 @@ def quantiles(times: list[float]) -> tuple[float, float, float]:
     return statistics.median(times), q[0], q[3]
 
 
-def profile_forward(model, ids, rows: int = 15) -> None:
+def profile_llmodel(model, ids, prompt, steps: int = 16, rows: int = 15) -> None:
+    """torch.profiler tables: one forward_last over `ids`, then `steps` decode steps after `prompt`."""
     from torch.profiler import ProfilerActivity, profile
+
+    from llmodel.generate import decode_one_token, prefill
     with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
         model(input_ids=ids, last_only=True)
     print(f"\nwhere llmodel's forward_last goes ({ids.shape[1]} tokens, top {rows} by self CPU time):")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=48))
+    cache = model.new_cache(1, prompt.shape[1] + steps + 1)
+    token = prefill(model, cache, input_ids=prompt).argmax(-1)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            token = decode_one_token(model, cache, token).argmax(-1)
+    print(f"\nwhere llmodel's decode goes ({steps} steps after a {prompt.shape[1]}-token prompt, top {rows}):")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=48))
 
 
@@ -139,7 +149,7 @@ def main(argv=None):
         print(f"  {op:14} {name:14} {shape:16} {median:10.1f} ms", flush=True)
         return median
 
-    shape = f"b1_l{args.seqlen}"
+    shape = f"h{args.hidden}_b1_l{args.seqlen}"
     forward = {
         "forward_all": (lambda: hf(ids, use_cache=False), lambda: ours(input_ids=ids)),
         "forward_last": (lambda: hf(ids, use_cache=False, logits_to_keep=1),
@@ -171,7 +181,7 @@ def main(argv=None):
 
     same = torch.equal(hf_generate(args.new_tokens), our_generate(args.new_tokens))
     print(f"greedy tokens identical over {args.new_tokens} new tokens: {same}")
-    decode_shape = f"b1_p{args.prompt_len}_new{args.new_tokens}"
+    decode_shape = f"h{args.hidden}_b1_p{args.prompt_len}_new{args.new_tokens}"
     rates = {}
     for name, fn in (("hf_jamba", hf_generate), (f"llmodel[{scan_backend}]", our_generate)):
         full = statistics.median(timed(lambda: fn(args.new_tokens), args.repeats))
@@ -184,16 +194,14 @@ def main(argv=None):
     rows[-2]["speedup"], rows[-1]["speedup"] = "1.0x", f"{our_rate / hf_rate:.1f}x"
     speedups["decode"] = our_rate / hf_rate
 
-    print()
-    common.print_table(rows, ["op", "backend", "shape", "median_ms", "p20_ms", "p80_ms", "tok_per_s", "speedup"])
-    print("\n(decode median_ms is ms per token)")
+    common.report("generate", rows, ["op", "backend", "shape", "median_ms", "p20_ms", "p80_ms", "tok_per_s", "speedup"],
+                  f"llmodel vs HF Jamba, float32, {dev}")
+    print("(decode median_ms is ms per token)")
     for op, s in speedups.items():
         verdict = "" if op == "decode" else ("  meets the 5x target" if s >= TARGET else "  BELOW the 5x target")
         print(f"  llmodel / HF  {op:13} {s:6.1f}x{verdict}")
-    csv_path = common.append_csv("generate", rows)
-    print(f"appended {len(rows)} rows to {csv_path}")
     if args.profile == "always" or (args.profile == "auto" and speedups["forward_last"] < TARGET):
-        profile_forward(ours, ids)
+        profile_llmodel(ours, ids, prompt)
 
 
 if __name__ == "__main__":

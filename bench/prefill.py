@@ -24,6 +24,7 @@ import csv
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -196,7 +197,7 @@ def main(argv=None):
             points = []
             for length in model_lengths:
                 times = time_prefill(model, length, chunk, args.repeats)
-                q = [times[0]] * 4 if len(times) < 2 else __import__("statistics").quantiles(times, n=5)
+                q = [times[0]] * 4 if len(times) < 2 else statistics.quantiles(times, n=5)
                 median = times[len(times) // 2]
                 points.append((length, median))
                 rows.append(dict(op=f"prefill_{name}_{mode}", backend=backend, shape=f"len{length}",
@@ -208,15 +209,11 @@ def main(argv=None):
                 fits[(name, mode)] = fit_exponent(*zip(*points))
         del model
 
-    print()
-    common.print_table(rows, ["op", "backend", "shape", "median_ms", "tok_per_s"])
+    common.report("prefill", rows, ["op", "backend", "shape", "median_ms", "tok_per_s"], f"prefill, float32, {dev}")
     print("\nfitted exponent p in time ∝ length^p (least squares on log-log):")
     for (name, mode), p in fits.items():
         span = [n for n in lengths if name != "attention" or n <= attn_max]
         print(f"  {name:9} {mode:8} p = {p:.2f}   over {span[0]}..{span[-1]}")
-    csv_path = common.append_csv("prefill", rows)
-    png = common.plot("prefill", rows, f"prefill, float32, {dev}")
-    print(f"\nappended {len(rows)} rows to {csv_path}" + (f"; plot: {png}" if png else ""))
 
     if rss_len:
         rss_rows = []

@@ -71,15 +71,30 @@ def attention_sdpa(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, softma
     Differentiable with plain autograd; what the `torch` backend runs (fused CPU/GPU kernels, no
     materialised float scores on the flash/efficient paths)."""
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    qh, kh, vh = _heads_first(q, k, v)
+    if _mask_is_plain(q.shape[1], k.shape[1], causal, self_only, kv_lens):
+        # NOTE: no explicit mask lets SDPA skip the causal half; at 32K tokens the boolean masks were
+        # most of a 6.4 GiB one-shot prefill (bench/prefill.py) and cost ~2.5x in time.
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal, scale=scale)
+        return out.transpose(1, 2)
     mask = attention_mask(q.shape[1], k.shape[1], causal, self_only, kv_lens, q.device)
     has_key = mask.any(dim=-1, keepdim=True)
     fill = mask | ~has_key  # SDPA gives NaN for a fully masked row; such rows are zeroed below
     # NOTE: GQA by repeat_interleave, not enable_gqa: torch 2.13's fused CPU kernel with enable_gqa
     # gave a float16 dk 2.7x less accurate than its own math kernel (group of 4, seqlen 50).
-    qh, kh, vh = _heads_first(q, k, v)
     out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=fill, scale=scale)
     out = out * has_key.to(out.dtype)
     return out.transpose(1, 2)
+
+
+def _mask_is_plain(seqlen_q: int, seqlen_k: int, causal: bool, self_only, kv_lens) -> bool:
+    """True when SDPA's own is_causal (top-left aligned) or no mask at all is the exact mask."""
+    if self_only is not None or seqlen_k == 0:  # no key at all: the masked path zeroes such rows
+        return False
+    if kv_lens is not None:
+        if torch.compiler.is_compiling() or not bool((kv_lens == seqlen_k).all()):
+            return False
+    return not causal or seqlen_q == seqlen_k
 
 
 def write_kv_cache(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, cache_seqlens: Tensor) -> None:
@@ -103,4 +118,8 @@ def kvcache_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor]
         if k is not None:
             write_kv_cache(k_cache, v_cache, k, v, cache_seqlens)
         kv_lens = cache_seqlens.to(torch.int32) + seqlen_new
+        if not torch.compiler.is_compiling():
+            # Keys at or past kv_len are masked anyway: attend over the filled part of the cache only.
+            top = int(kv_lens.max())
+            k_cache, v_cache = k_cache[:, :top], v_cache[:, :top]
     return attention(q, k_cache, v_cache, causal, softmax_scale, self_only, kv_lens)
