@@ -7,6 +7,7 @@ Public API:
   load_lm, save_lm              safetensors checkpoints in HF layouts (Jamba, Mamba, Qwen2, Llama)
   generate                      chunked prefill + decode loop + sampling
   VisionTower, load_vision      CLIP / SigLIP / DINOv2 towers from HF-layout safetensors
+  LongLLaVA, load_longllava     the multimodal model: towers -> 2D pooling -> projector -> hybrid LM
   formats, pixels               prompt templates with placeholder expansion; image/tile/video preprocessing
 """
 from .config import LMConfig, MambaConfig, MoEConfig, NAMED_CONFIGS, named_config
@@ -16,8 +17,11 @@ from .checkpoint import load_lm, save_lm
 # Bound after the submodule import on purpose: `llmodel.generate` is the function, not the module.
 from .generate import generate
 from .vision import VisionConfig, VisionTower, load_vision, named_vision_config
+from .multimodal import (LongLLaVA, MultimodalConfig, load_longllava, named_multimodal_config,
+                         save_longllava)
 from . import formats, pixels
 
 __all__ = ["LMConfig", "MambaConfig", "MoEConfig", "NAMED_CONFIGS", "named_config", "HybridCache", "HybridLM",
            "load_lm", "save_lm", "generate", "VisionConfig", "VisionTower", "load_vision", "named_vision_config",
+           "LongLLaVA", "MultimodalConfig", "load_longllava", "named_multimodal_config", "save_longllava",
            "formats", "pixels"]

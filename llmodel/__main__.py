@@ -61,6 +61,10 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["plan"]:
         return _plan(argv[1:])
+    if argv[:1] == ["chat"]:
+        from .chat import main as chat_main
+
+        return chat_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m llmodel")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -77,7 +81,9 @@ def main(argv=None) -> int:
     gen.add_argument("--seed", type=int, default=None)
     gen.set_defaults(run=_generate)
 
-    # The planner owns its flags (llmodel/plan.py): main() hands everything after `plan` to it.
+    # `plan` and `chat` own their flags (llmodel/plan.py, llmodel/chat.py): main() hands them the rest.
+    commands.add_parser("chat", add_help=False, help="multimodal chat with images / video "
+                                                     "(python -m llmodel chat --help)")
     commands.add_parser("plan", add_help=False, help="memory and FLOP plan for a config and a workload "
                                                      "(python -m llmodel plan --help)")
 

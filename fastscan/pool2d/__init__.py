@@ -73,7 +73,7 @@ def pool2d_tokens(x, grid, kernel=2, mode="avg", out=None, index=None, backend=N
     if out is None:
         return torch.ops.fastscan.pool2d_tokens_fwd(x, H, W, kh, kw, mode, name)
     if torch.is_grad_enabled() and (x.requires_grad or out.requires_grad):
-        return _PoolScatter.apply(x, out, index, H, W, kh, kw, mode, name)
+        return _PoolScatter.apply(out, x, index, H, W, kh, kw, mode, name)
     torch.ops.fastscan.pool2d_tokens_scatter(x, out, index, H, W, kh, kw, mode, name)
     return out
 
@@ -214,10 +214,12 @@ torch.library.register_autograd("fastscan::pool2d_tokens_fwd", _backward, setup_
 
 class _PoolScatter(torch.autograd.Function):
     """Autograd of the in-place scatter form: out is marked dirty, so its old value and x both
-    receive gradients (a custom op that mutates cannot have its autograd registered directly)."""
+    receive gradients (a custom op that mutates cannot have its autograd registered directly).
+    `out` comes first: autograd's rebase of an in-place write into a view assumes the dirty tensor is
+    the Function's first input (with x first, backward through a view of a larger buffer fails)."""
 
     @staticmethod
-    def forward(ctx, x, out, index, H, W, kh, kw, pooling, backend):
+    def forward(ctx, out, x, index, H, W, kh, kw, pooling, backend):
         torch.ops.fastscan.pool2d_tokens_scatter(x, out, index, H, W, kh, kw, pooling, backend)
         ctx.mark_dirty(out)
         ctx.save_for_backward(x, index)
@@ -229,10 +231,10 @@ class _PoolScatter(torch.autograd.Function):
         x, index = ctx.saved_tensors
         H, W, kh, kw, pooling, backend = ctx.args
         dx = dout = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.ops.fastscan.pool2d_tokens_bwd(grad_out, x, index, H, W, kh, kw, pooling, backend)
         if ctx.needs_input_grad[1]:
+            dx = torch.ops.fastscan.pool2d_tokens_bwd(grad_out, x, index, H, W, kh, kw, pooling, backend)
+        if ctx.needs_input_grad[0]:
             Ho, Wo = pooled_grid(H, W, kh, kw)
             rows = (index.to(grad_out.device)[:, None] + torch.arange(Ho * Wo, device=grad_out.device)).reshape(-1)
             dout = grad_out.index_fill(0, rows, 0)
-        return dx, dout, None, None, None, None, None, None, None
+        return dout, dx, None, None, None, None, None, None, None
