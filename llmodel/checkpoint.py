@@ -12,9 +12,10 @@ import json
 import os
 import re
 import tempfile
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
+from torch import nn
 
 from .config import LMConfig
 from .lm import HybridLM
@@ -86,6 +87,72 @@ def _shapes(files: dict[str, str]) -> dict[str, tuple]:
     return shapes
 
 
+SKIP = object()  # what a key translator returns for a checkpoint tensor that is allowed but not loaded
+
+
+def map_checkpoint_keys(path: str, what: str, shapes: dict[str, tuple], expected: dict[str, tuple],
+                        to_ours: Callable[[str], object], to_theirs: Callable[[str], str],
+                        stored_shape: Optional[Callable[[str], tuple]] = None) -> dict[str, str]:
+    """Checkpoint key -> model key for every tensor to load; strict.
+
+    to_ours maps a checkpoint key to a model key (SKIP: allowed, not loaded; anything not in `expected`:
+    unexpected); to_theirs names a missing model key the way the checkpoint would. Raises ValueError
+    listing every missing, unexpected and mis-shaped tensor of `what`.
+    """
+    mapping, unexpected, misshaped, present = {}, [], [], set()
+    for key, shape in shapes.items():
+        ours = to_ours(key)
+        if ours is SKIP:
+            continue
+        if ours not in expected:
+            unexpected.append(key)
+            continue
+        present.add(ours)
+        want = stored_shape(ours) if stored_shape else expected[ours]
+        if shape != want:
+            misshaped.append(f"{key} {list(shape)} (expected {list(want)})")
+        else:
+            mapping[key] = ours
+    missing = [to_theirs(k) for k in expected if k not in present]
+    if missing or unexpected or misshaped:
+        problems = [_listing(t, sorted(items)) for t, items in
+                    (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if items]
+        raise ValueError(f"path: checkpoint at {path} does not fit {what}:\n  " + "\n  ".join(problems))
+    return mapping
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def materialize(model: nn.Module, files: dict[str, str], mapping: dict[str, str], dtype: Optional[torch.dtype],
+                device: Union[str, torch.device], retie: Optional[Callable[[nn.Module], None]] = None) -> nn.Module:
+    """Allocate a meta-device model once and fill it shard by shard (peak memory ~ the model's size).
+
+    dtype None keeps the checkpoint's (its first mapped tensor's). `retie` re-ties shared parameters,
+    which to_empty replaces one module at a time."""
+    from safetensors import safe_open
+
+    if dtype is None:
+        first = next(iter(mapping))
+        with safe_open(files[first], framework="pt") as f:
+            dtype = _SAFETENSORS_DTYPES.get(f.get_slice(first).get_dtype(), torch.float32)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    if retie is not None:
+        retie(model)
+    params = model.state_dict()
+    by_file: dict[str, list[str]] = {}
+    for key in mapping:
+        by_file.setdefault(files[key], []).append(key)
+    with torch.no_grad():
+        for file, keys in by_file.items():
+            with safe_open(file, framework="pt") as f:
+                for key in keys:
+                    target = params[mapping[key]]
+                    target.copy_(f.get_tensor(key).reshape(target.shape))
+    return model.eval()
+
+
+
 def load_lm(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None,
             device: Union[str, torch.device] = "cpu", config: Optional[LMConfig] = None) -> HybridLM:
     """Load a HybridLM from an HF model directory (config.json + safetensors, single file or sharded).
@@ -93,59 +160,27 @@ def load_lm(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None,
     dtype: parameter dtype; None keeps the checkpoint's (the dtype of its first floating tensor).
     Raises ValueError listing every missing, unexpected and mis-shaped tensor.
     """
-    from safetensors import safe_open
-
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"path: {path} is not a directory")
     config = config or LMConfig.from_hf(path)
     files = _tensor_files(path)
-    shapes = _shapes(files)
 
     with torch.device("meta"):
         model = HybridLM(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if config.tie_word_embeddings:
+    tied = config.tie_word_embeddings
+    if tied:
         expected.pop("lm_head.weight")  # shares embed_tokens.weight; a stored copy is accepted and ignored
 
-    mapping, unexpected, misshaped, present = {}, [], [], set()
-    for hf_key, shape in shapes.items():
+    def to_ours(hf_key):
         ours = hf_to_internal(hf_key, config.model_type)
-        if ours == "lm_head.weight" and config.tie_word_embeddings:
-            continue
-        if ours not in expected:
-            unexpected.append(hf_key)
-            continue
-        present.add(ours)
-        if shape != expected[ours]:
-            misshaped.append(f"{hf_key} {list(shape)} (expected {list(expected[ours])})")
-        else:
-            mapping[hf_key] = ours
-    missing = [internal_to_hf(k, config.model_type) for k in expected if k not in present]
-    if missing or unexpected or misshaped:
-        problems = [_listing(t, sorted(items)) for t, items in
-                    (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if items]
-        raise ValueError(f"path: checkpoint at {path} does not fit a {config.model_type} model with this "
-                         f"config.json:\n  " + "\n  ".join(problems))
+        return SKIP if tied and ours == "lm_head.weight" else ours
 
-    if dtype is None:
-        with safe_open(files[next(iter(mapping))], framework="pt") as f:
-            dtype = f.get_slice(next(iter(mapping))).get_dtype()
-        dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}.get(
-            dtype, torch.float32)
-    model = model.to(dtype=dtype).to_empty(device=device)
-    if config.tie_word_embeddings:  # to_empty replaces each module's parameter separately; tie them again
-        model.lm_head.weight = model.embed_tokens.weight
-    params = model.state_dict()
-    by_file: dict[str, list[str]] = {}
-    for hf_key in mapping:
-        by_file.setdefault(files[hf_key], []).append(hf_key)
-    with torch.no_grad():
-        for file, keys in by_file.items():
-            with safe_open(file, framework="pt") as f:
-                for hf_key in keys:
-                    params[mapping[hf_key]].copy_(f.get_tensor(hf_key))
-    return model.eval()
+    mapping = map_checkpoint_keys(path, f"a {config.model_type} model with this config.json", _shapes(files),
+                                  expected, to_ours, lambda k: internal_to_hf(k, config.model_type))
+    return materialize(model, files, mapping, dtype, device,
+                       retie=(lambda m: setattr(m.lm_head, "weight", m.embed_tokens.weight)) if tied else None)
 
 
 def _atomic_write(final_path: str, write) -> None:

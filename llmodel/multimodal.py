@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from fastscan import pool2d_tokens
 from fastscan.attention import flash_attn_func, flash_attn_with_kvcache
 
-from .checkpoint import _atomic_write, _listing, _shapes, _tensor_files
+from .checkpoint import SKIP, _atomic_write, _shapes, _tensor_files, map_checkpoint_keys, materialize
 from .checkpoint import hf_to_internal as lm_hf_to_internal, internal_to_hf as lm_internal_to_hf
 from .config import LMConfig, MambaConfig, MoEConfig, _read_json_config, named_config
 from .generate import generate as _generate
@@ -415,8 +415,6 @@ def load_longllava(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] =
                    device: Union[str, torch.device] = "cpu", config: Optional[MultimodalConfig] = None) -> LongLLaVA:
     """Load LongLLaVA's saved layout (config.json + safetensors). Strict: ValueError lists every missing,
     unexpected and mis-shaped tensor. dtype None keeps the checkpoint's."""
-    from safetensors import safe_open
-
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"path: {path} is not a directory")
@@ -430,42 +428,15 @@ def load_longllava(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] =
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if config.lm.tie_word_embeddings:
         expected.pop("lm.lm_head.weight")
-    mapping, unexpected, misshaped, present = {}, [], [], set()
-    for key, shape in shapes.items():
-        if key in _IGNORED:
-            continue
-        ours = _our_key(key)
-        if ours == "lm.lm_head.weight" and config.lm.tie_word_embeddings:
-            continue
-        if ours not in expected:
-            unexpected.append(key)
-            continue
-        present.add(ours)
-        if shape != expected[ours]:
-            misshaped.append(f"{key} {list(shape)} (expected {list(expected[ours])})")
-        else:
-            mapping[key] = ours
-    missing = [_hf_key(k) for k in expected if k not in present]
-    if missing or unexpected or misshaped:
-        problems = [_listing(t, sorted(items)) for t, items in
-                    (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if items]
-        raise ValueError(f"path: checkpoint at {path} does not fit a LongLLaVA model with this config.json:\n  "
-                         + "\n  ".join(problems))
-    if dtype is None:
-        first = next(iter(mapping))
-        with safe_open(files[first], framework="pt") as f:
-            dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}.get(
-                f.get_slice(first).get_dtype(), torch.float32)
-    model = model.to(dtype=dtype).to_empty(device=device)
-    if config.lm.tie_word_embeddings:
-        model.lm.lm_head.weight = model.lm.embed_tokens.weight
-    params = model.state_dict()
-    with torch.no_grad():
-        for file in sorted(set(files[k] for k in mapping)):
-            with safe_open(file, framework="pt") as f:
-                for key in (k for k in mapping if files[k] == file):
-                    params[mapping[key]].copy_(f.get_tensor(key))
-    return model.eval()
+    tied = config.lm.tie_word_embeddings
+
+    def to_ours(key):
+        ours = SKIP if key in _IGNORED else _our_key(key)
+        return SKIP if tied and ours == "lm.lm_head.weight" else ours
+
+    mapping = map_checkpoint_keys(path, "a LongLLaVA model with this config.json", shapes, expected, to_ours, _hf_key)
+    return materialize(model, files, mapping, dtype, device,
+                       retie=(lambda m: setattr(m.lm.lm_head, "weight", m.lm.embed_tokens.weight)) if tied else None)
 
 
 def save_longllava(model: LongLLaVA, path: Union[str, os.PathLike]) -> None:

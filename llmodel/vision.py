@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from fastscan.attention import flash_attn_func
 
-from .checkpoint import _listing, _rename, _shapes, _tensor_files
+from .checkpoint import SKIP, _rename, _shapes, _tensor_files, map_checkpoint_keys, materialize
 from .config import _read_json_config
 
 MODEL_TYPES = ("clip_vision_model", "siglip_vision_model", "dinov2", "dinov2_with_registers")
@@ -335,7 +335,6 @@ OTHER_TOWER_KEYS = ("text_model.", "text_projection.", "visual_projection.", "lo
 # DINOv2 stores these with leading singleton dims: (1, 1, d), (1, R, d), (1, N, d).
 _LEADING_ONES = {"dinov2": {"class_embedding": 2, "register_tokens": 1, "position_embedding": 1}}
 _LEADING_ONES["dinov2_with_registers"] = _LEADING_ONES["dinov2"]
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
 def hf_to_internal(key: str, model_type: str) -> Optional[str]:
@@ -358,8 +357,6 @@ def load_vision(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = No
         when the checkpoint has it, else "" — and then only a full CLIP/SigLIP model's text tower may sit beside.
     dtype: None keeps the checkpoint's. Raises ValueError listing every missing, unexpected and mis-shaped tensor.
     """
-    from safetensors import safe_open
-
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"path: {path} is not a directory")
@@ -376,47 +373,19 @@ def load_vision(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = No
     leading = _LEADING_ONES.get(config.model_type, {})
     hf_shape = {k: (1,) * leading.get(k, 0) + s for k, s in expected.items()}
 
-    mapping, unexpected, misshaped, present = {}, [], [], set()
-    for key, shape in shapes.items():
+    def to_ours(key):
         if not key.startswith(prefix):
-            if not explicit and not key.startswith(OTHER_TOWER_KEYS):
-                unexpected.append(key)
-            continue
+            # outside the tower: fine under an explicit prefix or for a full CLIP/SigLIP model's text side
+            return SKIP if explicit or key.startswith(OTHER_TOWER_KEYS) else None
         inner = key[len(prefix):]
         if inner.startswith(UNUSED_KEYS[config.model_type]):
-            continue
-        ours = hf_to_internal(inner, config.model_type)
-        if ours not in expected:
-            unexpected.append(key)
-            continue
-        present.add(ours)
-        if shape != hf_shape[ours]:
-            misshaped.append(f"{key} {list(shape)} (expected {list(hf_shape[ours])})")
-        else:
-            mapping[key] = ours
-    missing = [prefix + internal_to_hf(k, config.model_type) for k in expected if k not in present]
-    if missing or unexpected or misshaped:
-        problems = [_listing(t, sorted(items)) for t, items in
-                    (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if items]
-        raise ValueError(f"path: checkpoint at {path} does not fit a {config.model_type} tower of this config "
-                         f"(key prefix {prefix!r}):\n  " + "\n  ".join(problems))
+            return SKIP
+        return hf_to_internal(inner, config.model_type)
 
-    if dtype is None:
-        first = next(iter(mapping))
-        with safe_open(files[first], framework="pt") as f:
-            dtype = _DTYPES.get(f.get_slice(first).get_dtype(), torch.float32)
-    model = model.to(dtype=dtype).to_empty(device=device)
-    params = model.state_dict()
-    by_file: dict[str, list[str]] = {}
-    for key in mapping:
-        by_file.setdefault(files[key], []).append(key)
-    with torch.no_grad():
-        for file, keys in by_file.items():
-            with safe_open(file, framework="pt") as f:
-                for key in keys:
-                    target = params[mapping[key]]
-                    target.copy_(f.get_tensor(key).reshape(target.shape))
-    return model.eval()
+    mapping = map_checkpoint_keys(path, f"a {config.model_type} tower of this config (key prefix {prefix!r})",
+                                  shapes, expected, to_ours,
+                                  lambda k: prefix + internal_to_hf(k, config.model_type), hf_shape.__getitem__)
+    return materialize(model, files, mapping, dtype, device)
 
 
 def named_vision_config(name: str, **overrides) -> VisionConfig:
