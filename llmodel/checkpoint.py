@@ -17,7 +17,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
-from .config import LMConfig
+from .config import LMConfig, _read_json_config
 from .lm import HybridLM
 
 # (HF key prefix, our key prefix); `{i}` is a layer index. First match wins, in both directions.
@@ -31,6 +31,8 @@ KEY_RULES = {
               ("backbone.layers.{i}.mixer.", "layers.{i}.mamba.")],
 }
 KEY_RULES["llama"] = KEY_RULES["qwen2"]
+# mamba_ssm's own layout (state-spaces/mamba, Cobra): `backbone.embedding.` where HF says `backbone.embeddings.`.
+KEY_RULES["mamba_ssm"] = [("backbone.embedding.", "embed_tokens.")] + KEY_RULES["mamba"][:1] + KEY_RULES["mamba"][2:]
 _MAX_LISTED = 20
 
 
@@ -53,6 +55,35 @@ def hf_to_internal(key: str, model_type: str) -> Optional[str]:
 
 def internal_to_hf(key: str, model_type: str) -> str:
     return _rename(key, KEY_RULES[model_type], 1)
+
+
+def is_mamba_ssm_config(hf: dict) -> bool:
+    """mamba_ssm's MambaConfig (d_model, n_layer, ssm_cfg, ...; no model_type), as Cobra and state-spaces ship."""
+    return "model_type" not in hf and "d_model" in hf and "n_layer" in hf
+
+
+def mamba_ssm_to_hf(hf: dict) -> dict:
+    """mamba_ssm's MambaConfig -> the HF MambaConfig dict LMConfig.from_hf reads. The stored embedding and head
+    have vocab_size rounded up to pad_vocab_size_multiple, so that is the model's vocab_size."""
+    ssm = dict(hf.get("ssm_cfg") or {})
+    if ssm.get("layer", "Mamba1") != "Mamba1":
+        raise ValueError(f"ssm_cfg.layer: got {ssm['layer']!r}; only Mamba1 mixers are supported")
+    if not hf.get("rms_norm", True):
+        raise ValueError("rms_norm: false (LayerNorm blocks) is not supported; this LM uses RMSNorm")
+    if hf.get("d_intermediate", 0):
+        raise ValueError(f"d_intermediate: got {hf['d_intermediate']}; MLP blocks between mixers are not supported")
+    if hf.get("attn_layer_idx"):
+        raise ValueError("attn_layer_idx: attention layers in a mamba_ssm model are not supported")
+    vocab, multiple = hf["vocab_size"], hf.get("pad_vocab_size_multiple", 8)
+    if vocab % multiple:
+        vocab += multiple - vocab % multiple
+    dt_rank = ssm.get("dt_rank", "auto")
+    return {"model_type": "mamba", "vocab_size": vocab, "hidden_size": hf["d_model"],
+            "num_hidden_layers": hf["n_layer"],
+            "state_size": ssm.get("d_state", 16), "conv_kernel": ssm.get("d_conv", 4), "expand": ssm.get("expand", 2),
+            "time_step_rank": None if dt_rank == "auto" else dt_rank, "use_conv_bias": ssm.get("conv_bias", True),
+            "use_bias": ssm.get("bias", False), "layer_norm_epsilon": hf.get("norm_epsilon", 1e-5),
+            "tie_word_embeddings": hf.get("tie_embeddings", True)}
 
 
 def _tensor_files(path: str) -> dict[str, str]:
@@ -163,7 +194,12 @@ def load_lm(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None,
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"path: {path} is not a directory")
-    config = config or LMConfig.from_hf(path)
+    layout = None
+    if config is None:
+        hf = _read_json_config(path)
+        layout = "mamba_ssm" if is_mamba_ssm_config(hf) else None
+        config = LMConfig.from_hf(mamba_ssm_to_hf(hf) if layout else hf)
+    layout = layout or config.model_type
     files = _tensor_files(path)
 
     with torch.device("meta"):
@@ -174,11 +210,11 @@ def load_lm(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None,
         expected.pop("lm_head.weight")  # shares embed_tokens.weight; a stored copy is accepted and ignored
 
     def to_ours(hf_key):
-        ours = hf_to_internal(hf_key, config.model_type)
+        ours = hf_to_internal(hf_key, layout)
         return SKIP if tied and ours == "lm_head.weight" else ours
 
     mapping = map_checkpoint_keys(path, f"a {config.model_type} model with this config.json", _shapes(files),
-                                  expected, to_ours, lambda k: internal_to_hf(k, config.model_type))
+                                  expected, to_ours, lambda k: internal_to_hf(k, layout))
     return materialize(model, files, mapping, dtype, device,
                        retie=(lambda m: setattr(m.lm_head, "weight", m.embed_tokens.weight)) if tied else None)
 
@@ -220,4 +256,5 @@ def save_lm(model: HybridLM, path: Union[str, os.PathLike]) -> None:
         os.unlink(stale_index)
 
 
-__all__ = ["load_lm", "save_lm", "hf_to_internal", "internal_to_hf", "KEY_RULES"]
+__all__ = ["load_lm", "save_lm", "hf_to_internal", "internal_to_hf", "KEY_RULES", "is_mamba_ssm_config",
+           "mamba_ssm_to_hf"]

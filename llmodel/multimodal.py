@@ -30,6 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastscan import pool2d_tokens
+
+from . import pixels
+from .pixels import anyres_feature_grid as _anyres_feature_grid
 from fastscan.attention import flash_attn_func, flash_attn_with_kvcache
 
 from .checkpoint import SKIP, _atomic_write, _shapes, _tensor_files, map_checkpoint_keys, materialize
@@ -41,7 +44,7 @@ from .vision import VisionConfig, VisionTower, named_vision_config
 from .vision import hf_to_internal as vision_hf_to_internal, internal_to_hf as vision_internal_to_hf
 
 PROJECTORS = ("mlp2x_gelu", "fused_mlp3x_gelu")
-POOLINGS = ("2d", "1d", "none")
+POOLINGS = ("2d", "1d", "none", "bilinear")
 
 
 @dataclass
@@ -49,13 +52,16 @@ class MultimodalConfig:
     vision: VisionConfig = field(default_factory=lambda: named_vision_config("clip-vit-large-patch14-336"))
     lm: LMConfig = field(default_factory=lambda: named_config("longllava-9b"))
     projector: str = "mlp2x_gelu"          # LongLLaVA/LLaVA; "fused_mlp3x_gelu": Cobra (Prismatic's FusedMLPProjector)
-    pooling: str = "2d"                    # "2d" (pool2d_tokens), "1d" (LongLLaVA's ablation), "none"
+    pooling: str = "2d"                    # "2d" (pool2d_tokens), "1d" (LongLLaVA's ablation), "none",
+    #                                        "bilinear" (LLaVA-NeXT/OneVision get_2dPool: F.interpolate to pool_grid)
     pool_kernel: int = 2                   # 2: 24x24 -> 144 tokens; 4: -> 36; 1 == "none" (576)
     pool_after_projection: bool = False    # pool projected features (fused scatter into the embedding rows)
+    pool_grid: Optional[Union[int, tuple]] = None  # "bilinear": output grid (side or (h, w)); None: ceil(g / kernel)
     vision_feature_layer: int = -2         # overrides vision(.feature_layer) of both towers
     second_vision: Optional[VisionConfig] = None  # Cobra: SigLIP beside DINOv2, features concatenated on channels
     image_token_id: int = 0                # id of the placeholder rows (overwritten by features; any valid id)
-    image_aspect_ratio: str = "pad"
+    image_aspect_ratio: str = "pad"        # "anyres" / "anyres_max_N": LLaVA-NeXT/OneVision tiles + image_newline
+    image_grid_pinpoints: Optional[Union[str, list]] = None  # AnyRes: [(w, h), ...], its string, or "(1x1),...,(6x6)"
     composite_attention: bool = False      # EE-MLLM: visual tokens attend only to themselves
 
     def __post_init__(self):
@@ -74,7 +80,14 @@ class MultimodalConfig:
         if self.pool_kernel < 1:
             raise ValueError(f"pool_kernel: expected >= 1, got {self.pool_kernel}")
         if self.pool_after_projection and self.pooling == "1d":
-            raise ValueError("pool_after_projection: only with pooling '2d' or 'none'")
+            raise ValueError("pool_after_projection: only with pooling '2d', 'bilinear' or 'none'")
+        if self.pool_grid is not None and self.pooling != "bilinear":
+            raise ValueError(f"pool_grid: only with pooling 'bilinear' (got pooling {self.pooling!r})")
+        if self.anyres:
+            if not self.image_grid_pinpoints:
+                raise ValueError(f"image_grid_pinpoints: image_aspect_ratio {self.image_aspect_ratio!r} needs them")
+            if self.pooling == "1d":
+                raise ValueError("pooling: '1d' leaves no 2D tile grid for AnyRes")
         if (self.second_vision is None) != (self.projector == "mlp2x_gelu"):
             raise ValueError(f"projector: {self.projector!r} goes with "
                              f"{'one tower' if self.projector == 'mlp2x_gelu' else 'two towers (second_vision)'}")
@@ -85,14 +98,47 @@ class MultimodalConfig:
     def vision_width(self) -> int:
         return self.vision.hidden_size + (self.second_vision.hidden_size if self.second_vision else 0)
 
+    @property
+    def anyres(self) -> bool:
+        return self.image_aspect_ratio.startswith("anyres")
+
+    @property
+    def anyres_max(self) -> Optional[int]:
+        return pixels.anyres_max_from_name(self.image_aspect_ratio)
+
+    def pooled_grid(self, gh: int, gw: int) -> tuple[int, int]:
+        """The (rows, cols) a gh x gw patch grid pools to ("1d" has none: rows * cols tokens in a line)."""
+        if self.pooling == "bilinear" and self.pool_grid is not None:
+            return (self.pool_grid, self.pool_grid) if isinstance(self.pool_grid, int) else tuple(self.pool_grid)
+        k = 1 if self.pooling == "none" else self.pool_kernel
+        return math.ceil(gh / k), math.ceil(gw / k)
+
     def tokens_per_image(self, height: Optional[int] = None, width: Optional[int] = None) -> int:
         """LM rows one image of height x width pixels fills (default: the tower's image size)."""
         p, size = self.vision.patch_size, self.vision.image_size
         gh, gw = (height or size) // p, (width or size) // p
-        k = 1 if self.pooling == "none" else self.pool_kernel
         if self.pooling == "1d":
-            return max(gh * gw // (k * k), 1)
-        return math.ceil(gh / k) * math.ceil(gw / k)
+            return max(gh * gw // (self.pool_kernel ** 2), 1)
+        rows, cols = self.pooled_grid(gh, gw)
+        return rows * cols
+
+    def anyres_layout(self, original_size) -> tuple[int, int]:
+        """(rows, cols) of tiles pixels.anyres_tiles cuts an image of original_size (width, height) into."""
+        size = self.vision.image_size
+        width, height = pixels.select_best_resolution(
+            tuple(original_size), pixels.parse_grid_pinpoints(self.image_grid_pinpoints, size))
+        return height // size, width // size
+
+    def tokens_for_anyres(self, original_size) -> int:
+        """LM rows one AnyRes image of original_size (width, height) fills: the base image's tokens, then the
+        tiles' grid unpadded to the image, capped (anyres_max_N), one image_newline after each row."""
+        if not self.anyres:
+            raise ValueError(f"image_aspect_ratio: {self.image_aspect_ratio!r} is not AnyRes")
+        rows, cols = self.anyres_layout(original_size)
+        h, w = self.pooled_grid(self.vision.grid, self.vision.grid)
+        shape = pixels.anyres_feature_grid(torch.zeros(rows * cols, h, w, 1), rows, cols, tuple(original_size),
+                                           self.anyres_max, newline=torch.zeros(1)).shape
+        return self.tokens_per_image() + shape[0]
 
 
 def _tiny_lm(**overrides) -> LMConfig:
@@ -198,6 +244,9 @@ class LongLLaVA(nn.Module):
         self.vision_tower_2 = VisionTower(config.second_vision) if config.second_vision is not None else None
         self.mm_projector = build_projector(config)
         self.lm = HybridLM(config.lm)
+        # LLaVA-NeXT's learned row separator (key model.image_newline), only for AnyRes models.
+        self.image_newline = (nn.Parameter(torch.randn(config.lm.hidden_size) / config.lm.hidden_size ** 0.5)
+                              if config.anyres else None)
         if config.composite_attention:
             for layer in self.lm.layers:
                 if layer.mixer_kind == "attention":  # same parameters, so state_dict keys stay Jamba's
@@ -205,6 +254,9 @@ class LongLLaVA(nn.Module):
 
     def tokens_per_image(self, height: Optional[int] = None, width: Optional[int] = None) -> int:
         return self.config.tokens_per_image(height, width)
+
+    def tokens_for_anyres(self, original_size) -> int:
+        return self.config.tokens_for_anyres(original_size)
 
     def _features(self, pixels: Tensor, pixels_2: Optional[Tensor]) -> tuple[Tensor, tuple[int, int]]:
         """(n, 3, H, W) -> patch tokens (n, gh * gw, vision_width) and the grid (gh, gw)."""
@@ -219,6 +271,11 @@ class LongLLaVA(nn.Module):
         if c.pooling == "1d":
             target = max(x.shape[1] // c.pool_kernel ** 2, 1)
             return F.interpolate(x.transpose(1, 2), size=target, mode="linear", align_corners=False).transpose(1, 2)
+        if c.pooling == "bilinear":  # LLaVA-NeXT/OneVision get_2dPool (align_corners=False)
+            n, _, width = x.shape
+            maps = x.transpose(1, 2).reshape(n, width, *grid)
+            maps = F.interpolate(maps, size=c.pooled_grid(*grid), mode="bilinear", align_corners=False)
+            return maps.flatten(2).transpose(1, 2)
         kernel = 1 if c.pooling == "none" else c.pool_kernel
         if kernel == 1 and out is None:
             return x
@@ -232,38 +289,74 @@ class LongLLaVA(nn.Module):
             return self._pool(self.mm_projector(x), grid)
         return self.mm_projector(self._pool(x, grid))
 
-    def _inputs(self, input_ids: Tensor, images, image_spans, images_2):
-        """Normalize: ids (batch, L), pixel groups, second-tower groups, flat (row * L + start, n) spans."""
+    def _inputs(self, input_ids: Tensor, images, image_spans, images_2, image_sizes=None):
+        """Normalize: ids (batch, L), pixel groups, second-tower groups, flat (row * L + start, n) spans,
+        per-group AnyRes original sizes (None: a group of ordinary images)."""
         input_ids = input_ids[None] if input_ids.dim() == 1 else input_ids
         groups = [] if images is None else [images] if isinstance(images, Tensor) else list(images)
         groups = [g[None] if g.dim() == 3 else g for g in groups]
         groups_2 = [None] * len(groups) if images_2 is None else (
             [images_2] if isinstance(images_2, Tensor) else list(images_2))
-        num_images = sum(g.shape[0] for g in groups)
-        spans = _starts(self._spans_from_ids(input_ids, groups) if image_spans is None else image_spans,
+        sizes = [None] * len(groups) if image_sizes is None else list(image_sizes)
+        if len(sizes) != len(groups):
+            raise ValueError(f"image_sizes: got {len(sizes)} entries for {len(groups)} image groups")
+        if any(s is not None for s in sizes):
+            if not self.config.anyres:
+                raise ValueError(f"image_sizes: AnyRes images need image_aspect_ratio 'anyres' (the config has "
+                                 f"{self.config.image_aspect_ratio!r})")
+            for g, size in zip(groups, sizes):
+                if size is not None:
+                    rows, cols = self.config.anyres_layout(size)
+                    if g.shape[0] != 1 + rows * cols:
+                        raise ValueError(f"images: an AnyRes image of size {tuple(size)} is the base image and "
+                                         f"{rows}x{cols} tiles ({1 + rows * cols}), got {g.shape[0]}")
+        num_images = sum(1 if size is not None else g.shape[0] for g, size in zip(groups, sizes))
+        spans = _starts(self._spans_from_ids(input_ids, groups, sizes) if image_spans is None else image_spans,
                         *input_ids.shape)
         if len(spans) != num_images:
             raise ValueError(f"the prompt has {len(spans)} image placeholders (image_spans) but {num_images} images "
                              "were given; they must match one to one")
-        return input_ids, groups, groups_2, spans
+        return input_ids, groups, groups_2, spans, sizes
 
     def embed_multimodal(self, input_ids: Tensor, images: Union[Tensor, Sequence[Tensor], None] = None,
-                         image_spans=None, images_2=None) -> Tensor:
+                         image_spans=None, images_2=None, image_sizes=None) -> Tensor:
         """input_ids (L,) or (batch, L) with placeholder rows; images: one (N, 3, H, W) tensor or a list of
         (n_i, 3, H, W) / (3, H, W) tensors (a group may differ in size from the next), N images in all, in
         prompt order; image_spans: (start, n) per image ([(...)] for one row, or one list per row), as
         formats.tokenize_prompt returns. None: runs of image_token_id split into tokens_per_image pieces.
         images_2: Cobra's second tower's pixels, grouped as images (None: the same pixels).
+        image_sizes: per group, None or the (width, height) of an AnyRes image: that group is one image, its
+        base image then its tiles (pixels.anyres_tiles), filling one span of tokens_for_anyres(size) rows.
         Returns inputs_embeds (batch, L, hidden)."""
-        return self._embed(*self._inputs(input_ids, images, image_spans, images_2))
+        return self._embed(*self._inputs(input_ids, images, image_spans, images_2, image_sizes))
 
-    def _embed(self, input_ids: Tensor, groups, groups_2, spans) -> Tensor:
+    def encode_anyres(self, tiles: Tensor, original_size, tiles_2: Optional[Tensor] = None) -> Tensor:
+        """(1 + rows*cols, 3, T, T) base image then tiles -> (tokens_for_anyres(original_size), hidden):
+        the base image's rows, then the tile grid unpadded to the image, capped, image_newline after each row."""
+        feats = self.encode_images(tiles, tiles_2)
+        rows, cols = self.config.anyres_layout(original_size)
+        h, w = self.config.pooled_grid(self.config.vision.grid, self.config.vision.grid)
+        grid = _anyres_feature_grid(feats[1:].unflatten(1, (h, w)), rows, cols, tuple(original_size),
+                                    self.config.anyres_max, newline=self.image_newline)
+        return torch.cat([feats[0], grid])
+
+    def _embed(self, input_ids: Tensor, groups, groups_2, spans, sizes=None) -> Tensor:
         batch, seqlen = input_ids.shape
         # Embedded flat, so the buffer written in place is no view: fastscan's scatter autograd breaks on a
         # view's backward (torch's CopySlices takes the Function's first input as the mutated one; it is x).
         flat = self.lm.embed_tokens(input_ids.reshape(-1))
         done = 0
-        for pixels, pixels_2 in zip(groups, groups_2):
+        for pixels, pixels_2, size in zip(groups, groups_2, sizes or [None] * len(groups)):
+            if size is not None:
+                (start, count), expected = spans[done], self.tokens_for_anyres(size)
+                if count != expected:
+                    raise ValueError(f"image_spans: image {done} has {count} placeholder rows, but an AnyRes image "
+                                     f"of size {tuple(size)} fills {expected}")
+                feats = self.encode_anyres(pixels.to(flat.device), size, pixels_2).to(flat.dtype)
+                index = torch.tensor([start], dtype=torch.int64, device=flat.device)
+                flat = flat.index_copy(0, _rows(index, expected), feats)
+                done += 1
+                continue
             n, expected = pixels.shape[0], self.tokens_per_image(*pixels.shape[-2:])
             mine = spans[done:done + n]
             bad = [i + done for i, (_, count) in enumerate(mine) if count != expected]
@@ -282,8 +375,13 @@ class LongLLaVA(nn.Module):
             done += n
         return flat.view(batch, seqlen, -1)
 
-    def _spans_from_ids(self, input_ids: Tensor, groups) -> list:
-        sizes = [self.tokens_per_image(*g.shape[-2:]) for g in groups for _ in range(g.shape[0])]
+    def _spans_from_ids(self, input_ids: Tensor, groups, anyres_sizes=None) -> list:
+        sizes = []
+        for g, size in zip(groups, anyres_sizes or [None] * len(groups)):
+            if size is not None:
+                sizes.append(self.tokens_for_anyres(size))
+            else:
+                sizes += [self.tokens_per_image(*g.shape[-2:])] * g.shape[0]
         rows, k = [], 0
         for row in input_ids.tolist():
             spans, i = [], 0
@@ -314,9 +412,9 @@ class LongLLaVA(nn.Module):
                 layer.mixer.visual = mask
 
     def forward(self, input_ids: Tensor, pixel_values=None, image_spans=None, cache=None, last_only: bool = False,
-                images_2=None) -> Tensor:
+                images_2=None, image_sizes=None) -> Tensor:
         """Logits (batch, L, vocab) of the prompt with its images (with `cache`: continuing the cached rows)."""
-        inputs = self._inputs(input_ids, pixel_values, image_spans, images_2)
+        inputs = self._inputs(input_ids, pixel_values, image_spans, images_2, image_sizes)
         embeds = self._embed(*inputs)
         if self.config.composite_attention:  # the mixers index the mask by absolute position
             offset = int(cache.cache_seqlens[0]) if cache is not None else 0
@@ -328,9 +426,10 @@ class LongLLaVA(nn.Module):
             self._set_visual(None)
 
     @torch.no_grad()
-    def generate(self, input_ids: Tensor, images=None, image_spans=None, images_2=None, **kwargs) -> Tensor:
+    def generate(self, input_ids: Tensor, images=None, image_spans=None, images_2=None, image_sizes=None,
+                 **kwargs) -> Tensor:
         """llmodel.generate over the merged embeddings (chunk_size=, max_new_tokens=, stream=, ...): new tokens."""
-        inputs = self._inputs(input_ids, images, image_spans, images_2)
+        inputs = self._inputs(input_ids, images, image_spans, images_2, image_sizes)
         embeds = self._embed(*inputs)
         if self.config.composite_attention:
             self._set_visual(self._visual(inputs[0], inputs[3]))
@@ -352,6 +451,8 @@ _IGNORED = ("model.vision_tower.vision_tower.vision_model.embeddings.position_id
 
 
 def _hf_key(ours: str) -> str:
+    if ours == "image_newline":
+        return "model.image_newline"
     if ours.startswith("vision_tower."):
         return VISION_PREFIX + vision_internal_to_hf(ours[len("vision_tower."):], "clip_vision_model")
     if ours.startswith("mm_projector."):
@@ -365,7 +466,9 @@ def _our_key(key: str) -> Optional[str]:
         return None if inner is None else "vision_tower." + inner
     if key.startswith(PROJECTOR_PREFIX):
         return "mm_projector." + key[len(PROJECTOR_PREFIX):]
-    if key.startswith("model.vision_tower.") or key.startswith("model.image_newline"):
+    if key == "model.image_newline":
+        return "image_newline"
+    if key.startswith("model.vision_tower."):
         return None
     inner = lm_hf_to_internal(key, "jamba")
     return None if inner is None else "lm." + inner
@@ -395,9 +498,10 @@ def longllava_config(path_or_dict) -> MultimodalConfig:
                       "336px image), what LongLLaVA was trained with. Set it to null for no pooling.")
         pooling = "2d"
     else:
-        pooling = {None: "none", "2d": "2d", "1d": "1d"}.get(hf["resamplePooling"])
+        pooling = {None: "none", "2d": "2d", "1d": "1d", "bilinear": "bilinear"}.get(hf["resamplePooling"])
         if pooling is None:
-            raise ValueError(f"resamplePooling: got {hf['resamplePooling']!r}, expected '2d', '1d' or null")
+            raise ValueError(f"resamplePooling: got {hf['resamplePooling']!r}, expected '2d', '1d', 'bilinear' "
+                             "or null")
     projector = hf.get("mm_projector_type", "mlp2x_gelu")
     if projector != "mlp2x_gelu":
         raise ValueError(f"mm_projector_type: got {projector!r}; LongLLaVA checkpoints use 'mlp2x_gelu'")
@@ -405,10 +509,11 @@ def longllava_config(path_or_dict) -> MultimodalConfig:
         raise ValueError(f"mm_vision_select_feature: got {hf['mm_vision_select_feature']!r}, only 'patch' is supported")
     lm = LMConfig.from_hf({**hf, "model_type": "jamba"})
     return MultimodalConfig(vision=_vision_from(hf, path), lm=lm, projector=projector, pooling=pooling,
-                            pool_kernel=hf.get("pool_kernel", 2),
+                            pool_kernel=hf.get("pool_kernel", 2), pool_grid=hf.get("pool_grid"),
                             vision_feature_layer=hf.get("mm_vision_select_layer", -2),
                             image_token_id=hf.get("image_token_id", 0),
-                            image_aspect_ratio=hf.get("image_aspect_ratio", "pad"))
+                            image_aspect_ratio=hf.get("image_aspect_ratio", "pad"),
+                            image_grid_pinpoints=hf.get("image_grid_pinpoints"))
 
 
 def load_longllava(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None,
@@ -454,9 +559,12 @@ def save_longllava(model: LongLLaVA, path: Union[str, os.PathLike]) -> None:
     hf = {**c.lm.to_hf(), "architectures": ["LlavaJambaForCausalLM"], "model_type": "llava_jamba",
           "mm_vision_tower": "openai/clip-vit-large-patch14-336", "mm_projector_type": c.projector,
           "mm_hidden_size": v.hidden_size, "mm_vision_select_layer": c.vision_feature_layer,
-          "mm_vision_select_feature": "patch", "mm_patch_merge_type": "flat",
-          "resamplePooling": {"none": None, "2d": "2d", "1d": "1d"}[c.pooling], "pool_kernel": c.pool_kernel,
+          "mm_vision_select_feature": "patch",
+          "mm_patch_merge_type": "spatial_unpad" if c.anyres else "flat",
+          "resamplePooling": {"none": None}.get(c.pooling, c.pooling), "pool_kernel": c.pool_kernel,
+          "pool_grid": list(c.pool_grid) if isinstance(c.pool_grid, tuple) else c.pool_grid,
           "image_aspect_ratio": c.image_aspect_ratio, "image_token_id": c.image_token_id,
+          "image_grid_pinpoints": c.image_grid_pinpoints,
           "vision_config": {"model_type": "clip_vision_model", "hidden_size": v.hidden_size,
                             "intermediate_size": v.intermediate_size, "num_hidden_layers": v.num_layers,
                             "num_attention_heads": v.num_heads, "num_channels": v.num_channels,

@@ -190,3 +190,43 @@ def test_moe_equals_dense_reference(renormalize):
     weights = torch.zeros_like(probs).scatter(-1, top_i, top_w)
     expected = (dense * weights[..., None]).sum(-2)
     assert rel_err(moe(x), expected) <= 1e-6
+
+
+def test_mamba_ssm_original_layout(tmp_path):
+    """Cobra / state-spaces: mamba_ssm's own keys (backbone.embedding, .layers.N.mixer/.norm, .norm_f) and its
+    MambaConfig (d_model, n_layer, ssm_cfg, padded vocab) load through load_lm and equal HF's logits."""
+    from safetensors.torch import save_file
+    from llmodel.checkpoint import is_mamba_ssm_config
+    torch.manual_seed(0)
+    hf = randomize(transformers.MambaForCausalLM(transformers.MambaConfig(
+        vocab_size=104, hidden_size=32, state_size=8, num_hidden_layers=3, time_step_rank=5, expand=2, conv_kernel=4)))
+    tensors = {}
+    for key, value in hf.state_dict().items():
+        if key == "lm_head.weight":
+            continue
+        tensors[key.replace("backbone.embeddings.", "backbone.embedding.")] = value.clone().contiguous()
+    tensors["lm_head.weight"] = tensors["backbone.embedding.weight"].clone()  # mamba_ssm stores the tied head too
+    assert {"backbone.embedding.weight", "backbone.layers.2.mixer.A_log", "backbone.layers.0.mixer.dt_proj.bias",
+            "backbone.layers.1.norm.weight", "backbone.norm_f.weight"} <= set(tensors)
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    config = {"d_model": 32, "d_intermediate": 0, "n_layer": 3, "vocab_size": 97,  # padded to 104 in the file
+              "ssm_cfg": {"d_state": 8, "dt_rank": 5}, "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": True,
+              "residual_in_fp32": True, "fused_add_norm": True, "pad_vocab_size_multiple": 8, "tie_embeddings": True}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert is_mamba_ssm_config(config)
+    ours = load_lm(tmp_path, dtype=torch.float32)
+    assert ours.config.model_type == "mamba" and ours.config.vocab_size == 104
+    ids = torch.randint(3, 97, (2, 17))
+    with torch.no_grad():
+        expected = hf(input_ids=ids).logits
+        got = ours(input_ids=ids)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # Strict as ever: a missing mixer tensor is named in mamba_ssm's spelling.
+    del tensors["backbone.layers.1.mixer.D"]
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing \(1\): backbone.layers.1.mixer.D"):
+        load_lm(tmp_path)
+    config["ssm_cfg"]["layer"] = "Mamba2"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="Mamba2"):
+        load_lm(tmp_path)

@@ -5,6 +5,7 @@ Tiny random models: a CLIP tower at 56 px / patch 14 (a 4x4 grid, so kernel 2 gi
 """
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -291,3 +292,100 @@ def test_gradients_reach_projector_tower_and_text_embeddings(pool_after_projecti
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
     # The placeholder id's embedding row is overwritten everywhere, so no gradient reaches it.
     assert model.lm.embed_tokens.weight.grad[model.config.image_token_id].abs().sum() == 0
+
+
+ANYRES_PINPOINTS = [(56, 112), (112, 56), (112, 112)]  # tile 56: 1x2, 2x1, 2x2 grids
+
+
+def test_anyres_token_counts():
+    c = named_multimodal_config("tiny-longllava", image_aspect_ratio="anyres", image_grid_pinpoints=ANYRES_PINPOINTS)
+    # 100x70 -> best fit 112x112 (2x2 tiles); pooled 2x2 per tile -> a 4x4 grid; the image covers
+    # int(70 * 4 / 100) = 2 rows of it (1 row cut from each end); 2 rows x (4 + newline) + 4 base = 14.
+    assert c.anyres_layout((100, 70)) == (2, 2)
+    assert c.tokens_for_anyres((100, 70)) == 4 + 2 * (4 + 1)
+    # 56x112 (tall) -> 1 col x 2 rows, exact fit: no unpadding: 4 rows x (2 + 1) + 4.
+    assert c.anyres_layout((56, 112)) == (2, 1) and c.tokens_for_anyres((56, 112)) == 4 + 4 * 3
+    # anyres_max_1: 2x4 is sqrt(8 / 4) = 1.41 > 1.1 tiles' worth -> bilinear to 1x2, + newline, + base.
+    capped = replace(c, image_aspect_ratio="anyres_max_1")
+    assert capped.anyres_max == 1 and capped.tokens_for_anyres((100, 70)) == 4 + 1 * (2 + 1)
+    with pytest.raises(ValueError, match="image_grid_pinpoints"):
+        named_multimodal_config("tiny-longllava", image_aspect_ratio="anyres")
+    # The full-size OneVision-like case: 24x24 per tile, no pooling, 2x2 tiles of a square image.
+    big = named_multimodal_config("longllava-9b", pooling="none", image_aspect_ratio="anyres",
+                                  image_grid_pinpoints="(1x1),...,(2x2)")
+    assert big.tokens_for_anyres((672, 672)) == 576 + 48 * 49
+
+
+@pytest.mark.parametrize("aspect", ["anyres", "anyres_max_1"])
+def test_anyres_rows_land_in_place(aspect, tmp_path):
+    model = make_model(image_aspect_ratio=aspect, image_grid_pinpoints=ANYRES_PINPOINTS)
+    assert model.image_newline.shape == (model.config.lm.hidden_size,)
+    image, plain = random_image(5, (100, 70)), random_image(6)
+    tiled = pixels.anyres_tiles(image, ANYRES_PINPOINTS, tile_size=56)
+    assert (tiled.rows, tiled.cols) == (2, 2) and len(tiled.images) == 5
+    n_any = model.tokens_for_anyres(image.size)
+    ids = torch.tensor([5, 6] + [0] * n_any + [7] + [0] * 4 + [8, 9])
+    groups = [pixels.preprocess_many(tiled.images, PIX), pixels.preprocess_many([plain], PIX)]
+    spans = [(2, n_any), (3 + n_any, 4)]
+    with torch.no_grad():
+        embeds = model.embed_multimodal(ids, groups, spans, image_sizes=[image.size, None])[0]
+        feats = model.encode_images(groups[0])  # (5, 4, hidden): base, then 4 tiles, each pooled to 2x2
+        # The 4x4 grid by hand: row R, column C is tile (R // 2, C // 2)'s token (R % 2, C % 2).
+        grid = torch.stack([torch.stack([feats[1 + (r // 2) * 2 + c // 2][(r % 2) * 2 + c % 2] for c in range(4)])
+                            for r in range(4)])
+        grid = grid[1:3]  # unpad: the 100x70 image covers rows 1..2
+        if aspect == "anyres_max_1":
+            grid = F.interpolate(grid.permute(2, 0, 1)[None], size=[1, 2], mode="bilinear")[0].permute(1, 2, 0)
+        newline = model.image_newline.expand(grid.shape[0], 1, -1)
+        expected = torch.cat([feats[0], torch.cat([grid, newline], dim=1).reshape(-1, feats.shape[-1])])
+        text = model.lm.embed_tokens(ids)
+    assert expected.shape[0] == n_any == (14 if aspect == "anyres" else 7)
+    torch.testing.assert_close(embeds[2:2 + n_any], expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(embeds[3 + n_any:7 + n_any], model.encode_images(groups[1])[0].detach(), rtol=0, atol=0)
+    keep = torch.ones(len(ids), dtype=torch.bool)
+    keep[2:2 + n_any] = keep[3 + n_any:7 + n_any] = False
+    assert torch.equal(embeds[keep], text[keep])
+    with torch.no_grad():  # spans from the ids alone; forward; save/load keeps image_newline as model.image_newline
+        assert torch.equal(model.embed_multimodal(ids, groups, image_sizes=[image.size, None])[0], embeds)
+        logits = model(ids, groups, spans, image_sizes=[image.size, None])
+    save_longllava(model, tmp_path)
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert "model.image_newline" in set(f.keys())
+    loaded = load_longllava(tmp_path)
+    assert loaded.config.image_aspect_ratio == aspect and loaded.tokens_for_anyres(image.size) == n_any
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, groups, spans, image_sizes=[image.size, None]), logits)
+    first = model.generate(ids, groups, spans, image_sizes=[image.size, None], max_new_tokens=1, chunk_size=5,
+                           eos_token_id=[])
+    assert int(first[0, 0]) == int(logits[0, -1].argmax())
+    with pytest.raises(ValueError, match="base image and 2x2 tiles"):
+        model.embed_multimodal(ids, [groups[0][:4], groups[1]], spans, image_sizes=[image.size, None])
+
+
+@pytest.mark.parametrize("pool_after_projection", [False, True])
+@pytest.mark.parametrize("pool_grid", [None, 3, (2, 3)])
+def test_bilinear_frame_pooling_equals_interpolate(pool_grid, pool_after_projection):
+    model = make_model(pooling="bilinear", pool_grid=pool_grid, pool_after_projection=pool_after_projection)
+    size = (2, 2) if pool_grid is None else (pool_grid, pool_grid) if isinstance(pool_grid, int) else pool_grid
+    assert model.tokens_per_image() == size[0] * size[1]
+    frames = pixels.preprocess_many([random_image(30 + i) for i in range(3)], PIX)
+    n = model.tokens_per_image()
+    ids = torch.tensor([5] + [0] * (3 * n) + [6])
+    with torch.no_grad():
+        embeds = model.embed_multimodal(ids, frames, [(1 + i * n, n) for i in range(3)])[0]
+        x = model.vision_tower(frames)
+        if pool_after_projection:
+            x = model.mm_projector(x)
+        g = model.config.vision.grid
+        maps = F.interpolate(x.transpose(1, 2).reshape(3, -1, g, g), size=size, mode="bilinear", align_corners=False)
+        pooled = maps.flatten(2).transpose(1, 2)
+        expected = pooled if pool_after_projection else model.mm_projector(pooled)
+    torch.testing.assert_close(embeds[1:1 + 3 * n], expected.reshape(-1, expected.shape[-1]), rtol=1e-5, atol=1e-5)
+    if pool_grid is None:  # at an exact factor of 2, bilinear is the 2x2 average (LongLLaVA's "2d")
+        with torch.no_grad():
+            avg = make_model(pool_after_projection=pool_after_projection).embed_multimodal(
+                ids, frames, [(1 + i * n, n) for i in range(3)])[0]
+        torch.testing.assert_close(embeds, avg, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="pool_grid"):
+        named_multimodal_config("tiny-longllava", pool_grid=3)
