@@ -260,9 +260,10 @@ def test_chat_python_and_cli(tmp_path, capsys):
     answer = chat_module.chat(model, CharTokenizer(), "what?", images=images, video=frames, num_frames=3, tiles=True,
                               max_new_tokens=4, stream=pieces.append)
     assert answer == "".join(pieces) and len(answer) == 4
-    ids, groups, spans = chat_module.build_inputs(model, "what?", images, frames, 3, tiles=True,
+    ids, groups, spans, images_2, sizes = chat_module.build_inputs(model, "what?", images, frames, 3, tiles=True,
                                                   tokenizer=CharTokenizer())
     assert [g.shape[0] for g in groups] == [1 + 2 * 2, 1 + 2 * 3, 3] and len(spans) == 15
+    assert images_2 is None and sizes is None  # one tower, no AnyRes
     # CLI, no tokenizer.json: token-id prompt after the images.
     model_dir = tmp_path / "model"
     save_longllava(model, model_dir)
@@ -275,7 +276,7 @@ def test_chat_python_and_cli(tmp_path, capsys):
             "--video", str(tmp_path / "frames"), "--frames", "2", "--prompt", "5 6 7", "--max-new-tokens", "3"]
     assert chat_module.main(argv) == 0
     out = capsys.readouterr().out.split()
-    ids, groups, spans = chat_module.build_inputs(model, "5 6 7", [tmp_path / "0.png", tmp_path / "1.png"],
+    ids, groups, spans, _, _ = chat_module.build_inputs(model, "5 6 7", [tmp_path / "0.png", tmp_path / "1.png"],
                                                   str(tmp_path / "frames"), 2)
     expected = model.generate(ids, groups, spans, max_new_tokens=3, eos_token_id=model.config.lm.eos_token_ids)
     assert [int(t) for t in out] == expected[0, :len(out)].tolist()
