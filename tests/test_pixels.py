@@ -221,6 +221,49 @@ def test_video_file_without_pyav_says_how_to_install(tmp_path, monkeypatch):
         pixels.load_video_frames(clip, num_frames=4)
 
 
+def _write_clip(path, count, rate, width=32, height=24):
+    """A `count`-frame clip at `rate` fps whose frame i is a solid grey of level 8 + 12·i."""
+    av = pytest.importorskip("av")
+    codec = next((c for c in ("mpeg4", "libx264", "h264") if c in av.codecs_available), None)
+    if codec is None:
+        pytest.skip("this PyAV build has no mpeg4 or h264 encoder")
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=rate)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(count):
+            array = np.full((height, width, 3), 8 + 12 * i, dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():  # flush the encoder
+            container.mux(packet)
+
+
+def _frame_levels(frames):
+    """Each frame's index, read back from its mean grey level (lossy codec: rounded to the nearest step)."""
+    levels = [float(np.asarray(f, dtype=np.float64).mean()) for f in frames]
+    for level in levels:  # every frame stays close to one of the written levels
+        assert abs(level - (8 + 12 * round((level - 8) / 12))) < 4, levels
+    return [round((level - 8) / 12) for level in levels]
+
+
+def test_frames_from_a_video_file(tmp_path):
+    clip = tmp_path / "clip.mp4"
+    _write_clip(clip, count=20, rate=10)
+    frames = pixels.load_video_frames(clip)
+    assert _frame_levels(frames) == list(range(20))
+    assert all(f.mode == "RGB" and f.size == (32, 24) for f in frames)
+    # uniform: linspace(0, 19, 4) = 0, 6.33, 12.67, 19 -> frames 0, 6, 12, 19.
+    frames = pixels.load_video_frames(clip, num_frames=4)
+    assert len(frames) == 4 and _frame_levels(frames) == [0, 6, 12, 19]
+    assert all(f.mode == "RGB" and f.size == (32, 24) for f in frames)
+    # fps: the file's own 10 fps sampled at 5 fps -> every 2nd frame, no video_fps needed.
+    frames = pixels.load_video_frames(clip, fps=5)
+    assert _frame_levels(frames) == list(range(0, 20, 2))
+    # both: every 2nd frame (10 of them), then linspace(0, 9, 3) = 0, 4, 9 of those -> frames 0, 8, 18.
+    frames = pixels.load_video_frames(clip, fps=5, num_frames=3)
+    assert _frame_levels(frames) == [0, 8, 18]
+
+
 def test_tiles_match_the_prompt_markers():
     from llmodel import formats
     tiled = pixels.longllava_tiles(Image.new("RGB", (50, 30)), 20)

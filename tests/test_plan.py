@@ -131,3 +131,48 @@ def test_cli_as_module():
                           "--weights", "int8"], capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "79.1" in run.stdout and f"chunk={DEFAULT_CHUNK:,} (default)" in run.stdout
+
+
+@pytest.mark.parametrize("name", ["longllava-9b", "tiny-longllava", "tiny-cobra"])
+def test_vision_parameter_count_matches_llmodel_modules(name):
+    import torch
+    from llmodel.multimodal import build_projector, named_multimodal_config
+    from llmodel.plan import vision_parameter_count
+    from llmodel.vision import VisionTower
+    mm = named_multimodal_config(name)
+    with torch.device("meta"):
+        mods = [VisionTower(mm.vision), build_projector(mm)]
+        if mm.second_vision is not None:
+            mods.append(VisionTower(mm.second_vision))
+    expected = sum(p.numel() for m in mods for p in m.parameters())
+    assert vision_parameter_count(mm) == expected
+    p = plan(mm, 1000, weights="bf16", images=3)
+    assert p["vision_params"] == expected and p["vision_weight_bytes"] == 2 * expected
+    assert p["vision_flops"] == 3 * p["vision_flops_per_image"] > 0
+    if name == "longllava-9b":
+        assert p["vision_params"] == vision_parameter_count("longllava-9b")
+        # CLIP ViT-L/14-336 ~ 0.304 B; projector 1024*4096 + 4096 + 4096*4096 + 4096.
+        assert 0.30e9 < expected - (1024 * 4096 + 4096 * 4096 + 2 * 4096) < 0.31e9
+        assert p["vision_flops_per_image"] > 2 * 577 * 0.28e9   # ~2 x params x 577 tokens + attention
+        int8 = plan(mm, 1000, weights="int8")
+        assert expected < int8["vision_weight_bytes"] < 2 * expected
+        # activation peak linear in the image batch; total counts vision weights, LM-only config none
+        assert plan(mm, 10, image_batch=8)["vision_activation_bytes"] == 8 * p["vision_activation_bytes"]
+        lm_only = plan(mm.lm, 1000)
+        assert lm_only["vision_params"] == 0 and lm_only["multimodal"] is None
+        assert p["total_bytes"] == lm_only["total_bytes"] + p["vision_weight_bytes"]
+
+
+def test_cli_prints_vision_lines(capsys, tmp_path):
+    assert main(["--config", "longllava-9b", "--images", "1000", "--image-batch", "4", "--weights", "int8"]) == 0
+    out = capsys.readouterr().out
+    assert "vision tower + projector weights" in out and "vision activation peak (4 image(s)" in out
+    assert "for 1,000 images" in out and "tokens=144,000" in out and "weights: projector" in out
+    hf = _tiny_jamba_hf()
+    import json
+    path = str(tmp_path / "config.json")
+    with open(path, "w") as f:
+        json.dump(hf, f)
+    assert main(["--config", path, "--tokens", "1000"]) == 0
+    out = capsys.readouterr().out
+    assert "vision" not in out
