@@ -17,6 +17,7 @@
 #include "cuda_dtype.cuh"
 #include "cuda_emu.h"
 #include "pool2d_abi.h"
+#include "pool2d_validate.h"
 #include "status.h"
 
 namespace fastscan {
@@ -253,25 +254,13 @@ void launch_bwd(const FsPool2dBwdParams& b) {
   }
 }
 
+// The CPU checks plus the CUDA path's 32-bit index limit.
 inline int validate(const FsPool2dParams* p, const char* fn) {
-  if (p == nullptr) return fs_fail(FS_ERR_INVALID, "%s: params is NULL", fn);
-  if (p->num_images < 0 || p->H < 1 || p->W < 1 || p->C < 0 || p->kh < 1 || p->kw < 1 ||
-      p->Ho != (p->H + p->kh - 1) / p->kh || p->Wo != (p->W + p->kw - 1) / p->kw) {
-    return fs_fail(FS_ERR_INVALID, "%s: bad sizes num_images=%lld H=%lld W=%lld C=%lld kh=%lld kw=%lld Ho=%lld Wo=%lld",
-                   fn, (long long)p->num_images, (long long)p->H, (long long)p->W, (long long)p->C,
-                   (long long)p->kh, (long long)p->kw, (long long)p->Ho, (long long)p->Wo);
-  }
-  if (p->dtype != FS_FLOAT32 && p->dtype != FS_FLOAT16 && p->dtype != FS_BFLOAT16) {
-    return fs_fail(FS_ERR_INVALID, "%s: unknown dtype code %d", fn, p->dtype);
-  }
-  if (p->mode != FS_POOL_AVG && p->mode != FS_POOL_MAX) {
-    return fs_fail(FS_ERR_INVALID, "%s: unknown mode code %d", fn, p->mode);
-  }
+  if (const int status = validate_pool2d_params(p, fn)) return status;
   if (p->Ho * p->Wo * p->num_images > INT32_MAX) {  // locate() and the flat grid are 32-bit
     return fs_fail(FS_ERR_UNSUPPORTED, "%s: %lld images x %lld pooled tokens exceed 2^31", fn,
                    (long long)p->num_images, (long long)(p->Ho * p->Wo));
   }
-  if (p->num_images > 0 && p->C > 0 && p->x == nullptr) return fs_fail(FS_ERR_INVALID, "%s: x is NULL", fn);
   return FS_OK;
 }
 

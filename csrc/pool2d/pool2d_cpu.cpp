@@ -22,6 +22,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include "cpu_math.h"
 #include "pool2d_abi.h"
+#include "pool2d_validate.h"
 #include "status.h"
 
 namespace {
@@ -226,29 +227,11 @@ void by_dtype(int dtype, const Params& params, Run run) {
   }
 }
 
-int validate(const FsPool2dParams* p, const char* fn) {
-  if (p == nullptr) return fs_fail(FS_ERR_INVALID, "%s: params is NULL", fn);
-  if (p->num_images < 0 || p->H < 1 || p->W < 1 || p->C < 0 || p->kh < 1 || p->kw < 1 ||
-      p->Ho != (p->H + p->kh - 1) / p->kh || p->Wo != (p->W + p->kw - 1) / p->kw) {
-    return fs_fail(FS_ERR_INVALID, "%s: bad sizes num_images=%lld H=%lld W=%lld C=%lld kh=%lld kw=%lld Ho=%lld Wo=%lld",
-                   fn, (long long)p->num_images, (long long)p->H, (long long)p->W, (long long)p->C,
-                   (long long)p->kh, (long long)p->kw, (long long)p->Ho, (long long)p->Wo);
-  }
-  if (p->dtype != FS_FLOAT32 && p->dtype != FS_FLOAT16 && p->dtype != FS_BFLOAT16) {
-    return fs_fail(FS_ERR_INVALID, "%s: unknown dtype code %d", fn, p->dtype);
-  }
-  if (p->mode != FS_POOL_AVG && p->mode != FS_POOL_MAX) {
-    return fs_fail(FS_ERR_INVALID, "%s: unknown mode code %d", fn, p->mode);
-  }
-  if (p->num_images > 0 && p->C > 0 && p->x == nullptr) return fs_fail(FS_ERR_INVALID, "%s: x is NULL", fn);
-  return FS_OK;
-}
-
 }  // namespace
 
 extern "C" FS_API int fs_pool2d_tokens_fwd(const FsPool2dParams* p) {
   const char* fn = "fs_pool2d_tokens_fwd";
-  if (const int status = validate(p, fn)) return status;
+  if (const int status = validate_pool2d_params(p, fn)) return status;
   if (p->num_images == 0 || p->C == 0) return FS_OK;
   if (p->y == nullptr) return fs_fail(FS_ERR_INVALID, "%s: y is NULL", fn);
   const auto run = [](auto dtype, const FsPool2dParams& params) {
@@ -262,7 +245,7 @@ extern "C" FS_API int fs_pool2d_tokens_fwd(const FsPool2dParams* p) {
 extern "C" FS_API int fs_pool2d_tokens_bwd(const FsPool2dBwdParams* b) {
   const char* fn = "fs_pool2d_tokens_bwd";
   if (b == nullptr) return fs_fail(FS_ERR_INVALID, "%s: params is NULL", fn);
-  if (const int status = validate(&b->fwd, fn)) return status;
+  if (const int status = validate_pool2d_params(&b->fwd, fn)) return status;
   if (b->fwd.num_images == 0 || b->fwd.C == 0) return FS_OK;
   if (b->dy == nullptr || b->dx == nullptr) return fs_fail(FS_ERR_INVALID, "%s: dy or dx is NULL", fn);
   const auto run = [](auto dtype, const FsPool2dBwdParams& params) {
