@@ -57,3 +57,14 @@ def stream_of(t: torch.Tensor) -> ctypes.c_void_p:
     if t.device.type == "cuda":
         return ctypes.c_void_p(torch.cuda.current_stream(t.device).cuda_stream)
     return ctypes.c_void_p(None)
+
+
+def workspace(lib: ctypes.CDLL, fn_name: str, params, device: torch.device) -> torch.Tensor | None:
+    """The scratch a backward launcher asks for: `fn_name(params)` returns a byte count (< 0 on error,
+    with the library's message). None when it needs none."""
+    fn = getattr(lib, fn_name)
+    fn.restype = ctypes.c_int64
+    nbytes = fn(params)
+    if nbytes < 0:
+        raise NativeError(f"{fn_name} ({lib.fs_backend_name().decode()}): {lib.fs_last_error().decode()}")
+    return torch.empty((nbytes,), dtype=torch.uint8, device=device) if nbytes > 0 else None

@@ -110,9 +110,7 @@ def causal_conv1d_bwd(backend, x, weight, bias, initial_states, dout, dfinal_sta
     q.dx, q.dx_stride = native.ptr(dx), _arr(dx, 3)
     q.dweight, q.dbias = native.ptr(dweight), native.ptr(dbias)
     q.dinitial_states, q.dinitial_states_stride = native.ptr(dinit), _arr(dinit, 3)
-    lib.fs_causal_conv1d_bwd_workspace_bytes.restype = ctypes.c_int64
-    nbytes = lib.fs_causal_conv1d_bwd_workspace_bytes(ctypes.byref(q.fwd))
-    workspace = torch.empty((nbytes,), dtype=torch.uint8, device=x.device) if nbytes > 0 else None
+    workspace = native.workspace(lib, "fs_causal_conv1d_bwd_workspace_bytes", ctypes.byref(q.fwd), x.device)
     q.workspace = native.ptr(workspace)
     native.call(lib, "fs_causal_conv1d_bwd", ctypes.byref(q))
     return dx, dweight, dbias, dinit

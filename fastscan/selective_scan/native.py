@@ -110,9 +110,7 @@ def selective_scan_bwd(backend, dy, dlast_state, u, delta, A, B, C, D, z, delta_
     b.du, b.ddelta, b.dz = native.ptr(du), native.ptr(ddelta), native.ptr(dz)
     b.dA, b.dB, b.dC = native.ptr(dA), native.ptr(dB), native.ptr(dC)
     b.dD, b.ddelta_bias, b.dinitial_state = native.ptr(dD), native.ptr(ddelta_bias), native.ptr(dinitial_state)
-    lib.fs_selective_scan_bwd_workspace_bytes.restype = ctypes.c_int64
-    nbytes = lib.fs_selective_scan_bwd_workspace_bytes(ctypes.byref(b.fwd))
-    workspace = torch.empty((max(nbytes, 0),), dtype=torch.uint8, device=u.device) if nbytes > 0 else None
+    workspace = native.workspace(lib, "fs_selective_scan_bwd_workspace_bytes", ctypes.byref(b.fwd), u.device)
     b.workspace = native.ptr(workspace)
     native.call(lib, "fs_selective_scan_bwd", ctypes.byref(b))
     return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state
