@@ -9,6 +9,10 @@ Public API:
   VisionTower, load_vision      CLIP / SigLIP / DINOv2 towers from HF-layout safetensors
   LongLLaVA, load_longllava     the multimodal model: towers -> 2D pooling -> projector -> hybrid LM
   formats, pixels               prompt templates with placeholder expansion; image/tile/video preprocessing
+
+Training and evaluation live in their modules (imported on use): llmodel.data (JSONL -> packs),
+llmodel.train (the three stages, FSDP2, checkpoints), llmodel.synthetic (toy data), llmodel.evaluate
+(task accuracy, V-NIAH, plots), llmodel.demo (`python -m llmodel demo`).
 """
 from .config import LMConfig, MambaConfig, MoEConfig, NAMED_CONFIGS, named_config
 from .cache import HybridCache

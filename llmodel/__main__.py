@@ -65,6 +65,13 @@ def main(argv=None) -> int:
         from .chat import main as chat_main
 
         return chat_main(argv[1:])
+    forwarded = {"train": ("train", "main"), "demo": ("demo", "main"), "eval": ("evaluate", "eval_main"),
+                 "plot": ("evaluate", "plot_main")}
+    if argv[:1] and argv[0] in forwarded:
+        import importlib
+
+        module, function = forwarded[argv[0]]
+        return getattr(importlib.import_module(f"llmodel.{module}"), function)(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m llmodel")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -81,11 +88,17 @@ def main(argv=None) -> int:
     gen.add_argument("--seed", type=int, default=None)
     gen.set_defaults(run=_generate)
 
-    # `plan` and `chat` own their flags (llmodel/plan.py, llmodel/chat.py): main() hands them the rest.
+    # These commands own their flags (in their modules): main() hands them the rest.
     commands.add_parser("chat", add_help=False, help="multimodal chat with images / video "
                                                      "(python -m llmodel chat --help)")
     commands.add_parser("plan", add_help=False, help="memory and FLOP plan for a config and a workload "
                                                      "(python -m llmodel plan --help)")
+    commands.add_parser("train", add_help=False, help="one training stage: align | single | multi, FSDP2 under "
+                                                      "torchrun (python -m llmodel train --help)")
+    commands.add_parser("demo", add_help=False, help="train a tiny LongLLaVA from scratch on CPU through the three "
+                                                     "stages and evaluate it")
+    commands.add_parser("eval", add_help=False, help="held-out task accuracy or the V-NIAH heatmap")
+    commands.add_parser("plot", add_help=False, help="loss curve of run directories to PNG")
 
     args = parser.parse_args(argv)
     return args.run(args)

@@ -21,18 +21,10 @@ import torch
 from . import formats, pixels
 from .multimodal import LongLLaVA, load_longllava
 
-_TOWER_PIXELS = {"clip_vision_model": "clip", "siglip_vision_model": "siglip", "dinov2": "dinov2",
-                 "dinov2_with_registers": "dinov2"}
-
 
 def _tower_pixels(model: LongLLaVA, vision) -> pixels.PixelConfig:
-    c = model.config
-    if vision.model_type not in _TOWER_PIXELS:
-        raise ValueError(f"vision: no pixel conventions for tower type {vision.model_type!r}; "
-                         f"known: {sorted(_TOWER_PIXELS)}")
     # AnyRes tiles are already tile-sized squares; "pad" pads each whole image (both towers alike).
-    return pixels.pixel_config(_TOWER_PIXELS[vision.model_type], image_size=vision.image_size,
-                               pad_to_square=c.image_aspect_ratio == "pad")
+    return pixels.pixel_config_for_vision(vision, pad_to_square=model.config.image_aspect_ratio == "pad")
 
 
 def pixel_config_for(model: LongLLaVA, tower: int = 1) -> pixels.PixelConfig:

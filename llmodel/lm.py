@@ -5,11 +5,13 @@ one to one; checkpoint.py renames the Mamba/Qwen2/Llama layouts onto the same na
 
 Every sequence op goes through fastscan's public API. With a HybridCache the forward continues from
 the cache (a prefill chunk or one decode token) and updates it; without one it is the plain
-full-sequence forward used for scoring and training.
+full-sequence forward used for scoring and training. With a `Packing` (training), one row holds several
+sequences back to back and every mixer keeps them apart: the conv window and the SSM state restart at
+each boundary and attention is block-diagonal (fastscan's cu_seqlens ops), RoPE positions restart too.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -17,10 +19,35 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from fastscan import causal_conv1d_fn, causal_conv1d_update, selective_scan_fn, selective_state_update
-from fastscan.attention import flash_attn_func, flash_attn_with_kvcache
+from fastscan.attention import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 
 from .cache import HybridCache
 from .config import LMConfig
+
+# ---------------------------------------------------------------- packed sequences
+
+class Packing(NamedTuple):
+    """Several sequences packed into one row (batch 1), as the varlen ops take them.
+
+    cu_seqlens: int32 (num_seqs + 1,) boundaries on the model's device; max_seqlen: the longest sequence
+    (attention's launch grid); position_ids: (1, total) positions restarting at 0 in each sequence;
+    self_only: None or (1, total) bool, rows that attend only to themselves (EE-MLLM's visual rows; set by
+    LongLLaVA for composite-attention models).
+    """
+    cu_seqlens: Tensor
+    max_seqlen: int
+    position_ids: Tensor
+    self_only: Optional[Tensor] = None
+
+    @classmethod
+    def from_lengths(cls, lengths, device=None) -> "Packing":
+        lengths = [int(n) for n in lengths]
+        if not lengths or min(lengths) < 1:
+            raise ValueError(f"lengths: expected at least one sequence, each >= 1 token, got {lengths}")
+        cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        positions = torch.cat([torch.arange(n) for n in lengths])[None]
+        return cls(cu.to(device), max(lengths), positions.to(device))
+
 
 # ---------------------------------------------------------------- building blocks
 class RMSNorm(nn.Module):
@@ -112,7 +139,8 @@ class MambaMixer(nn.Module):
         # The dt bias goes to the kernel as delta_bias so it lands inside the softplus, as in Mamba.
         return F.linear(dt, self.dt_proj.weight), B, C
 
-    def forward(self, hidden: Tensor, cache: Optional[HybridCache] = None, layer_idx: int = 0) -> Tensor:
+    def forward(self, hidden: Tensor, cache: Optional[HybridCache] = None, layer_idx: int = 0,
+                packing: Optional[Packing] = None) -> Tensor:
         A = -torch.exp(self.A_log.float())
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (b, l, d_inner) each; views, no copy
         conv_weight, dt_bias = self.conv1d.weight.squeeze(1), self.dt_proj.bias.float()
@@ -126,15 +154,16 @@ class MambaMixer(nn.Module):
         # Full sequence or a prefill chunk: kernels read the (b, l, d) tensors through (b, d, l) views.
         conv_init = cache.conv_state[layer_idx] if cache is not None else None
         ssm_init = cache.ssm_state[layer_idx] if cache is not None else None
+        cu_seqlens = packing.cu_seqlens if packing is not None else None
         xc = causal_conv1d_fn(x.transpose(1, 2), conv_weight, self.conv1d.bias, initial_states=conv_init,
-                              return_final_states=cache is not None, activation="silu")
+                              return_final_states=cache is not None, activation="silu", cu_seqlens=cu_seqlens)
         if cache is not None:
             xc, conv_final = xc
             cache.conv_state[layer_idx].copy_(conv_final)
         dt, B, C = self._ssm_params(xc.transpose(1, 2))
         y = selective_scan_fn(xc, dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D=self.D.float(),
                               z=z.transpose(1, 2), delta_bias=dt_bias, delta_softplus=True,
-                              return_last_state=cache is not None, initial_state=ssm_init)
+                              return_last_state=cache is not None, initial_state=ssm_init, cu_seqlens=cu_seqlens)
         if cache is not None:
             y, ssm_final = y
             cache.ssm_state[layer_idx].copy_(ssm_final)
@@ -159,25 +188,42 @@ class AttentionMixer(nn.Module):
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.attention_out_bias)
         self.rope_theta, self.rope_factor = c.rope_theta, c.rope_scaling_factor
 
-    def _rope(self, q: Tensor, k: Tensor, start: Tensor) -> tuple[Tensor, Tensor]:
-        """Rotate q, k (b, l, heads, d) at positions start[b] + t; computed in float32 as HF does."""
+    def _rope(self, q: Tensor, k: Tensor, start: Tensor, positions: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """Rotate q, k (b, l, heads, d) at positions start[b] + t (or the given (b, l) positions); computed
+        in float32 as HF does."""
         d = self.head_dim
         inv_freq = 1.0 / (self.rope_theta ** (torch.arange(0, d, 2, device=q.device, dtype=torch.float32) / d))
-        positions = start.float()[:, None] + torch.arange(q.shape[1], device=q.device, dtype=torch.float32)
-        freqs = (positions / self.rope_factor)[..., None] * inv_freq  # (b, l, d/2)
+        if positions is None:
+            positions = start.float()[:, None] + torch.arange(q.shape[1], device=q.device, dtype=torch.float32)
+        freqs = (positions.float() / self.rope_factor)[..., None] * inv_freq  # (b, l, d/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, :, None]  # broadcast over heads
         cos, sin = emb.cos().to(q.dtype), emb.sin().to(q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
-    def forward(self, hidden: Tensor, cache: Optional[HybridCache] = None, layer_idx: int = 0) -> Tensor:
+    def _qkv(self, hidden: Tensor, cache: Optional[HybridCache], packing: Optional[Packing]):
         b, l, _ = hidden.shape
         q = self.q_proj(hidden).view(b, l, self.num_heads, self.head_dim)
         k = self.k_proj(hidden).view(b, l, self.num_kv_heads, self.head_dim)
         v = self.v_proj(hidden).view(b, l, self.num_kv_heads, self.head_dim)
         if self.rope_theta is not None:
             start = cache.cache_seqlens if cache is not None else torch.zeros(b, device=hidden.device)
-            q, k = self._rope(q, k, start)
-        if cache is None:
+            q, k = self._rope(q, k, start, packing.position_ids if packing is not None else None)
+        return q, k, v
+
+    @staticmethod
+    def _packed(q: Tensor, k: Tensor, v: Tensor, packing: Packing, self_only: Optional[Tensor] = None) -> Tensor:
+        """Block-diagonal causal attention over the sequences of one packed row: (1, T, h, d) -> same."""
+        cu, n = packing.cu_seqlens, packing.max_seqlen
+        return flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, n, n, causal=True,
+                                      self_only=self_only[0] if self_only is not None else None)[None]
+
+    def forward(self, hidden: Tensor, cache: Optional[HybridCache] = None, layer_idx: int = 0,
+                packing: Optional[Packing] = None) -> Tensor:
+        b, l, _ = hidden.shape
+        q, k, v = self._qkv(hidden, cache, packing)
+        if packing is not None:
+            out = self._packed(q, k, v, packing)
+        elif cache is None:
             out = flash_attn_func(q, k, v, causal=True)
         else:
             # Writes this chunk's K/V at each row's cache_seqlens, then attends causally (bottom-right) over
@@ -209,8 +255,8 @@ class DecoderLayer(nn.Module):
     def mixer(self) -> nn.Module:
         return self.mamba if self.mixer_kind == "mamba" else self.self_attn
 
-    def forward(self, hidden: Tensor, cache: Optional[HybridCache] = None) -> Tensor:
-        hidden = hidden + self.mixer(self.input_layernorm(hidden), cache, self.layer_idx)
+    def forward(self, hidden: Tensor, cache: Optional[HybridCache] = None, packing: Optional[Packing] = None) -> Tensor:
+        hidden = hidden + self.mixer(self.input_layernorm(hidden), cache, self.layer_idx, packing)
         if self.ffn_kind != "none":
             hidden = hidden + self.feed_forward(self.pre_ff_layernorm(hidden))
         return hidden
@@ -235,11 +281,14 @@ class HybridLM(nn.Module):
         return HybridCache(self.config, batch_size, max_len, dtype=p.dtype, device=p.device)
 
     def forward(self, input_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
-                cache: Optional[HybridCache] = None, last_only: bool = False) -> Tensor:
+                cache: Optional[HybridCache] = None, last_only: bool = False, packing: Optional[Packing] = None,
+                return_hidden: bool = False) -> Tensor:
         """Logits (batch, seqlen, vocab), or (batch, 1, vocab) with last_only.
 
         input_ids (batch, seqlen) or inputs_embeds (batch, seqlen, hidden), exactly one. With `cache`
-        the tokens continue each row's cached sequence and the cache is advanced by seqlen.
+        the tokens continue each row's cached sequence and the cache is advanced by seqlen. With `packing`
+        (batch 1, no cache) the row holds several sequences that do not see each other. return_hidden:
+        the final-normed hidden states instead of logits (a training loss applies lm_head chunk by chunk).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("input_ids, inputs_embeds: pass exactly one")
@@ -247,6 +296,13 @@ class HybridLM(nn.Module):
         if hidden.dim() != 3 or hidden.shape[-1] != self.config.hidden_size:
             raise ValueError(f"inputs_embeds: expected (batch, seqlen, {self.config.hidden_size}), "
                              f"got {tuple(hidden.shape)}")
+        if packing is not None:
+            if cache is not None or hidden.shape[0] != 1:
+                raise ValueError(f"packing: packed sequences need batch 1 and no cache, got batch {hidden.shape[0]}"
+                                 f"{' and a cache' if cache is not None else ''}")
+            if packing.position_ids.shape != hidden.shape[:2]:
+                raise ValueError(f"packing: position_ids {tuple(packing.position_ids.shape)} do not match the input "
+                                 f"{tuple(hidden.shape[:2])}")
         if cache is not None:
             if cache.batch_size != hidden.shape[0]:
                 raise ValueError(f"cache: batch_size {cache.batch_size} != input batch {hidden.shape[0]}")
@@ -254,14 +310,15 @@ class HybridLM(nn.Module):
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and cache is None:
                 # Recompute each layer in backward: activation memory of one layer, not all of them.
-                hidden = checkpoint(layer, hidden, use_reentrant=False)
+                hidden = checkpoint(layer, hidden, None, packing, use_reentrant=False)
             else:
-                hidden = layer(hidden, cache)
+                hidden = layer(hidden, cache, packing)
         if cache is not None:
             cache.advance(hidden.shape[1])
         if last_only:
             hidden = hidden[:, -1:]
-        return self.lm_head(self.final_layernorm(hidden))
+        hidden = self.final_layernorm(hidden)
+        return hidden if return_hidden else self.lm_head(hidden)
 
 
-__all__ = ["HybridLM", "DecoderLayer", "MambaMixer", "AttentionMixer", "MLP", "MoE", "RMSNorm"]
+__all__ = ["HybridLM", "DecoderLayer", "MambaMixer", "AttentionMixer", "MLP", "MoE", "RMSNorm", "Packing"]

@@ -192,23 +192,23 @@ class CompositeAttentionMixer(AttentionMixer):
 
     visual: Optional[Tensor] = None
 
-    def forward(self, hidden: Tensor, cache=None, layer_idx: int = 0) -> Tensor:
+    def forward(self, hidden: Tensor, cache=None, layer_idx: int = 0, packing=None) -> Tensor:
         b, l, _ = hidden.shape
         start = int(cache.cache_seqlens[0]) if cache is not None else 0
         mask = torch.zeros(b, l, dtype=torch.bool, device=hidden.device)
-        if self.visual is not None and start < self.visual.shape[1]:
+        if packing is not None and packing.self_only is not None:  # training: the mask travels with the pack
+            mask = packing.self_only
+        elif self.visual is not None and start < self.visual.shape[1]:
             if self.visual.shape[0] != b:
                 raise ValueError(f"composite attention: visual mask batch {self.visual.shape[0]} != input batch {b}")
             piece = self.visual[:, start:start + l]
             mask[:, :piece.shape[1]] = piece.to(hidden.device)
         if not bool(mask.any()):
-            return super().forward(hidden, cache, layer_idx)
-        q = self.q_proj(hidden).view(b, l, self.num_heads, self.head_dim)
-        k = self.k_proj(hidden).view(b, l, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(hidden).view(b, l, self.num_kv_heads, self.head_dim)
-        if self.rope_theta is not None:
-            q, k = self._rope(q, k, cache.cache_seqlens if cache is not None else torch.zeros(b, device=hidden.device))
-        if bool(mask.all()):  # fast path: a chunk of visual rows only; softmax over one key is 1, out = v
+            return super().forward(hidden, cache, layer_idx, packing)
+        q, k, v = self._qkv(hidden, cache, packing)
+        if packing is not None:
+            out = self._packed(q, k, v, packing, self_only=mask)
+        elif bool(mask.all()):  # fast path: a chunk of visual rows only; softmax over one key is 1, out = v
             if cache is not None:
                 cache.key[layer_idx][:, start:start + l] = k
                 cache.value[layer_idx][:, start:start + l] = v
@@ -412,16 +412,24 @@ class LongLLaVA(nn.Module):
                 layer.mixer.visual = mask
 
     def forward(self, input_ids: Tensor, pixel_values=None, image_spans=None, cache=None, last_only: bool = False,
-                images_2=None, image_sizes=None) -> Tensor:
-        """Logits (batch, L, vocab) of the prompt with its images (with `cache`: continuing the cached rows)."""
+                images_2=None, image_sizes=None, packing=None, return_hidden: bool = False) -> Tensor:
+        """Logits (batch, L, vocab) of the prompt with its images (with `cache`: continuing the cached rows).
+
+        packing: an lm.Packing when the row holds several packed conversations (training); return_hidden:
+        final-normed hidden states instead of logits (see HybridLM.forward)."""
         inputs = self._inputs(input_ids, pixel_values, image_spans, images_2, image_sizes)
         embeds = self._embed(*inputs)
-        if self.config.composite_attention:  # the mixers index the mask by absolute position
+        if self.config.composite_attention and packing is not None:
+            # Carried by the pack, not set on the modules: activation checkpointing recomputes the layers
+            # in backward, after this call has returned.
+            packing = packing._replace(self_only=self._visual(inputs[0], inputs[3]))
+        elif self.config.composite_attention:  # the mixers index the mask by absolute position
             offset = int(cache.cache_seqlens[0]) if cache is not None else 0
             visual = self._visual(inputs[0], inputs[3])
             self._set_visual(torch.cat([visual.new_zeros(visual.shape[0], offset), visual], dim=1))
         try:
-            return self.lm(inputs_embeds=embeds, cache=cache, last_only=last_only)
+            return self.lm(inputs_embeds=embeds, cache=cache, last_only=last_only, packing=packing,
+                           return_hidden=return_hidden)
         finally:
             self._set_visual(None)
 
@@ -544,8 +552,9 @@ def load_longllava(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] =
                        retie=(lambda m: setattr(m.lm.lm_head, "weight", m.lm.embed_tokens.weight)) if tied else None)
 
 
-def save_longllava(model: LongLLaVA, path: Union[str, os.PathLike]) -> None:
-    """Write config.json + model.safetensors in LongLLaVA's layout (each file atomically)."""
+def save_longllava(model: LongLLaVA, path: Union[str, os.PathLike], state_dict: Optional[dict] = None) -> None:
+    """Write config.json + model.safetensors in LongLLaVA's layout (each file atomically). state_dict: the
+    tensors to write instead of model.state_dict() (a sharded model's gathered full state dict)."""
     from safetensors.torch import save_file
 
     c = model.config
@@ -553,7 +562,8 @@ def save_longllava(model: LongLLaVA, path: Union[str, os.PathLike]) -> None:
         raise ValueError("model: LongLLaVA's layout holds one CLIP tower and an mlp2x_gelu projector")
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
-    tensors = {_hf_key(k): v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    tensors = {_hf_key(k): v.detach().to("cpu").contiguous() for k, v in state_dict.items()
                if not (k == "lm.lm_head.weight" and c.lm.tie_word_embeddings)}
     v = c.vision
     hf = {**c.lm.to_hf(), "architectures": ["LlavaJambaForCausalLM"], "model_type": "llava_jamba",
@@ -570,7 +580,7 @@ def save_longllava(model: LongLLaVA, path: Union[str, os.PathLike]) -> None:
                             "num_attention_heads": v.num_heads, "num_channels": v.num_channels,
                             "image_size": v.image_size, "patch_size": v.patch_size, "hidden_act": v.hidden_act,
                             "layer_norm_eps": v.layer_norm_eps},
-          "dtype": str(model.lm.embed_tokens.weight.dtype).replace("torch.", "")}
+          "dtype": str(state_dict["lm.embed_tokens.weight"].dtype).replace("torch.", "")}
     _atomic_write(os.path.join(path, "model.safetensors"),
                   lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     _atomic_write(os.path.join(path, "config.json"), lambda tmp: open(tmp, "w").write(json.dumps(hf, indent=2) + "\n"))

@@ -64,6 +64,20 @@ def pixel_config(tower: str, image_size: Optional[int] = None, **overrides) -> P
     return replace(config, **overrides)
 
 
+# HF vision model_type -> the pixel conventions of that tower family.
+TOWER_OF_MODEL_TYPE = {"clip_vision_model": "clip", "siglip_vision_model": "siglip", "dinov2": "dinov2",
+                       "dinov2_with_registers": "dinov2"}
+
+
+def pixel_config_for_vision(vision, pad_to_square: bool) -> PixelConfig:
+    """The conventions of a VisionConfig's tower at its image size (pad_to_square: LongLLaVA's "pad")."""
+    if vision.model_type not in TOWER_OF_MODEL_TYPE:
+        raise ValueError(f"vision: no pixel conventions for tower type {vision.model_type!r}; "
+                         f"known: {sorted(TOWER_OF_MODEL_TYPE)}")
+    return pixel_config(TOWER_OF_MODEL_TYPE[vision.model_type], image_size=vision.image_size,
+                        pad_to_square=pad_to_square)
+
+
 def _rgb(image) -> Image.Image:
     if isinstance(image, (str, os.PathLike)):
         image = Image.open(image)

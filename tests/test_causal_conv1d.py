@@ -177,7 +177,7 @@ def good(batch=2, dim=4, seqlen=9, width=4):
     (dict(weight=torch.randn(4, 9)), "weight: width must be between 2 and 8, got 9"),
     (dict(weight=torch.randn(4, 1)), "weight: width must be between 2 and 8, got 1"),
     (dict(bias=torch.randn(5)), r"bias: expected shape \(4,\)"),
-    (dict(initial_states=torch.randn(2, 4, 4)), r"initial_states: expected shape \(2, 4, 3\)"),
+    (dict(initial_states=torch.randn(2, 4, 4)), r"initial_states: expected shape \(batch=2, dim=4, width-1=3\)"),
     (dict(activation="relu"), "activation: expected None, 'silu' or 'swish', got 'relu'"),
     (dict(activation=True), "activation: expected None"),
 ])
@@ -217,8 +217,8 @@ def test_opcheck(backend):
     weight, bias = torch.randn(6, 4, requires_grad=True), torch.randn(6, requires_grad=True)
     h0 = torch.randn(2, 6, 3, requires_grad=True)
     op = torch.ops.fastscan.causal_conv1d_fwd.default
-    torch.library.opcheck(op, (x, weight, bias, h0, True, backend))
-    torch.library.opcheck(op, (x.detach().contiguous(), weight, None, None, False, backend))
+    torch.library.opcheck(op, (x, weight, bias, h0, True, None, backend))
+    torch.library.opcheck(op, (x.detach().contiguous(), weight, None, None, False, None, backend))
     torch.library.opcheck(torch.ops.fastscan.causal_conv1d_update.default,
                           (torch.randn(2, 6, 2), torch.randn(2, 6, 5), torch.randn(6, 4), None, True, backend))
 

@@ -26,7 +26,7 @@ def good(batch=2, dim=4, seqlen=9, dstate=3, groups=None):
     (dict(D=torch.randn(5)), r"D: expected shape \(4,\)"),
     (dict(z=torch.randn(2, 4)), "z: expected shape"),
     (dict(delta_bias=torch.randn(4, 1)), "delta_bias: expected shape"),
-    (dict(initial_state=torch.randn(2, 4, 4)), r"initial_state: expected shape \(2, 4, 3\)"),
+    (dict(initial_state=torch.randn(2, 4, 4)), r"initial_state: expected shape \(batch=2, dim=4, dstate=3\)"),
     (dict(u=torch.randn(2, 4, 9).int()), "u: expected float32, float16 or bfloat16"),
     (dict(u=[1.0]), "u: expected a torch.Tensor"),
 ])
@@ -63,10 +63,10 @@ def test_opcheck(backend):
         args[k].requires_grad_(True)
     D, z, bias, h0 = torch.randn(4), torch.randn(2, 4, 9), torch.randn(4), torch.randn(2, 4, 3)
     torch.library.opcheck(torch.ops.fastscan.selective_scan_fwd.default,
-                          (args["u"], args["delta"], args["A"], args["B"], args["C"], D, z, bias, True, h0, backend))
+                          (args["u"], args["delta"], args["A"], args["B"], args["C"], D, z, bias, True, h0, None, backend))
     torch.library.opcheck(torch.ops.fastscan.selective_scan_fwd.default,
                           (args["u"], args["delta"], args["A"], args["B"], args["C"], None, None, None, False, None,
-                           backend))
+                           None, backend))
 
 
 @pytest.mark.parametrize("backend", _compiled_backends())

@@ -4,6 +4,12 @@
 // Width is a runtime value <= kMaxW: windows are kMaxW-register arrays indexed only by unrolled
 // constants (a runtime index would put them in local memory), with the taps right-aligned so that
 // slot kMaxW-1 always holds the newest step.
+//
+// Packed sequences (cu_seqlens): every kernel is templated on kVarlen, so the unpacked instances
+// compile exactly as before. The grids stay those of a batch-1 call over the packed time axis (they
+// depend on shapes only); a program finds the sequence of its steps by binary search in
+// cu_seqlens and reads the initial states, not the previous sequence's x, where the window reaches
+// back past the sequence start. Long and short sequences cost the same per step.
 #pragma once
 
 #include <stdint.h>
@@ -53,7 +59,18 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
-// xpad[q] of row (b, d) for q < W-1: the initial states, zeros when absent.
+// The packed sequence holding step t: the largest i in [lo, hi] with cu[i] <= t (the caller knows
+// cu[lo] <= t, or t < 0 and gets lo). An empty sequence shares its start with the next and loses.
+__device__ __forceinline__ int find_seq(const int32_t* cu, int lo, int hi, int64_t t) {
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (cu[mid] <= t) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
+}
+
+// xpad[q] of row (b, d) for q < W-1: the initial states, zeros when absent (b: the sequence when packed).
 template <typename T>
 __device__ __forceinline__ float initial_at(const FsConv1dParams& p, int64_t b, int64_t d, int64_t q) {
   if (p.initial_states == nullptr) return 0.0f;
@@ -84,6 +101,9 @@ inline int validate_params(const FsConv1dParams* p, const char* fn) {
                    (long long)p->batch, (long long)p->dim, (long long)p->seqlen);
   if (p->batch * p->dim * p->seqlen > 0 && (p->x == nullptr || p->weight == nullptr))
     return fs_fail(FS_ERR_INVALID, "%s: x and weight must not be NULL", fn);
+  if (p->cu_seqlens != nullptr && (p->batch != 1 || p->num_seqs < 1 || p->num_seqs * p->dim > 0x7fffffffLL))
+    return fs_fail(FS_ERR_INVALID, "%s: packed sequences need batch 1 and 1 <= num_seqs (* dim < 2^31), got %lld and %lld",
+                   fn, (long long)p->batch, (long long)p->num_seqs);
   return FS_OK;
 }
 

@@ -13,6 +13,13 @@
 // Strides are in elements, any sign-free layout: a (batch, seqlen, dim) tensor viewed as
 // (batch, dim, seqlen) is read and written without a copy. weight is float32 with strides;
 // bias float32 contiguous (dim,) or NULL. Accumulation is float32 for every dtype.
+//
+// Packed variable-length sequences: cu_seqlens (num_seqs + 1,) int32 on the data's device, 0 =
+// cu_seqlens[0] <= ... <= cu_seqlens[num_seqs] = seqlen (empty sequences allowed), batch == 1.
+// Sequence i is the steps [cu_seqlens[i], cu_seqlens[i+1]) and runs the math above on its own
+// xpad_i = initial_states[i] ++ x[start_i:end_i] (the window never reaches across a boundary);
+// initial_states, final_states, dfinal_states and dinitial_states are then indexed by sequence
+// ((num_seqs, dim, W-1)) instead of by batch. cu_seqlens NULL (num_seqs 0) = unpacked.
 #pragma once
 #include "fastscan_abi.h"
 
@@ -30,17 +37,19 @@ typedef struct FsConv1dParams {
   const void* x;               int64_t x_stride[3];
   const float* weight;         int64_t weight_stride[2];
   const float* bias;           // (dim,) contiguous, or NULL
-  const void* initial_states;  int64_t initial_states_stride[3];  // (batch, dim, W-1), or NULL (zeros)
+  const void* initial_states;  int64_t initial_states_stride[3];  // (batch or num_seqs, dim, W-1), or NULL (zeros)
   void* out;                   int64_t out_stride[3];             // forward output; unused by the backward
-  void* final_states;          int64_t final_states_stride[3];    // (batch, dim, W-1), or NULL
+  void* final_states;          int64_t final_states_stride[3];    // (batch or num_seqs, dim, W-1), or NULL
   void* stream;                // cudaStream_t for the cuda library; ignored elsewhere
+  const int32_t* cu_seqlens;   // (num_seqs + 1,) packed-sequence boundaries, or NULL
+  int64_t num_seqs;            // 0 when cu_seqlens is NULL
 } FsConv1dParams;
 
 // Backward: recomputes the pre-activation from fwd's inputs (fwd.out, fwd.final_states ignored).
 typedef struct FsConv1dBwdParams {
   FsConv1dParams fwd;
   const void* dout;           int64_t dout_stride[3];             // (batch, dim, seqlen), dtype
-  const void* dfinal_states;  int64_t dfinal_states_stride[3];    // (batch, dim, W-1), dtype, or NULL
+  const void* dfinal_states;  int64_t dfinal_states_stride[3];    // (batch or num_seqs, dim, W-1), dtype, or NULL
   void* dx;                   int64_t dx_stride[3];               // (batch, dim, seqlen), dtype
   float* dweight;                                                 // (dim, W) contiguous
   float* dbias;                                                   // (dim,) or NULL (not computed)

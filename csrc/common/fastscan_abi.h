@@ -40,6 +40,12 @@ enum FsStatus {
 // Strides are in elements. u, delta, z, y: (batch, dim, seqlen); B, C: (batch, n_groups, dstate,
 // seqlen); A: (dim, dstate) float32; initial_state: (batch, dim, dstate) float32.
 // D, delta_bias: contiguous float32 (dim,) or NULL. z, initial_state: NULL when absent.
+//
+// Packed variable-length sequences: cu_seqlens (num_seqs + 1,) int32 on the data's device, 0 =
+// cu_seqlens[0] <= ... <= cu_seqlens[num_seqs] = seqlen (empty sequences allowed), batch == 1.
+// Sequence i is the steps [cu_seqlens[i], cu_seqlens[i+1]) and starts from initial_state[i]
+// (or 0); initial_state, last_state, dlast_state and dinitial_state are then indexed by sequence
+// ((num_seqs, dim, dstate)) instead of by batch. cu_seqlens NULL (num_seqs 0) = unpacked.
 // ---------------------------------------------------------------------------------------------
 typedef struct FsScanParams {
   int64_t batch, dim, seqlen, dstate, n_groups;
@@ -55,8 +61,10 @@ typedef struct FsScanParams {
   const float* delta_bias;       // (dim,) contiguous, or NULL
   const float* initial_state; int64_t initial_state_stride[3];  // or NULL
   void* y;            int64_t y_stride[3];   // forward output (dtype); unused by the backward
-  float* last_state;             // (batch, dim, dstate) contiguous float32, or NULL
+  float* last_state;             // (batch or num_seqs, dim, dstate) contiguous float32, or NULL
   void* stream;                  // cudaStream_t for the cuda library; ignored elsewhere
+  const int32_t* cu_seqlens;     // (num_seqs + 1,) packed-sequence boundaries, or NULL
+  int64_t num_seqs;              // 0 when cu_seqlens is NULL
 } FsScanParams;
 
 // Backward. Reads the forward inputs from `fwd` (fwd.y and fwd.last_state are ignored) and
@@ -65,7 +73,7 @@ typedef struct FsScanParams {
 typedef struct FsScanBwdParams {
   FsScanParams fwd;
   const void* dy;        int64_t dy_stride[3];   // (batch, dim, seqlen), dtype
-  const float* dlast_state;                      // (batch, dim, dstate) contiguous, or NULL (= zero)
+  const float* dlast_state;                      // (batch or num_seqs, dim, dstate) contiguous, or NULL (= zero)
   void* du;                                      // (batch, dim, seqlen) contiguous, dtype
   void* ddelta;                                  // (batch, dim, seqlen) contiguous, dtype
   void* dz;                                      // (batch, dim, seqlen) contiguous, dtype; NULL iff fwd.z is NULL
@@ -74,7 +82,7 @@ typedef struct FsScanBwdParams {
   float* dC;                                     // (batch, n_groups, dstate, seqlen)
   float* dD;                                     // (dim,); NULL iff fwd.D is NULL
   float* ddelta_bias;                            // (dim,); NULL iff fwd.delta_bias is NULL
-  float* dinitial_state;                         // (batch, dim, dstate); NULL iff fwd.initial_state is NULL
+  float* dinitial_state;                         // (batch or num_seqs, dim, dstate); NULL iff fwd.initial_state is NULL
   void* workspace;                               // fs_selective_scan_bwd_workspace_bytes() bytes, or NULL if 0
 } FsScanBwdParams;
 

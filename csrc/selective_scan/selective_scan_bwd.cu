@@ -17,6 +17,10 @@
 //     With z: y'_t (before gating, D u included) is rebuilt on the way, dz = dy y' silu'(z),
 //     dy' = dy silu(z). du, ddelta, dz are written once per chunk.
 //   At the end: dinitial_state = e_1, dA/dD/ddelta_bias are added with one atomic per block.
+//   Packed sequences (p.cu_seqlens): grid (dim, num_seqs), the block owns channel d of sequence i
+//   (steps [cu_seqlens[i], cu_seqlens[i+1]) of batch row 0) and its own dlast/dinitial state; its
+//   chunk states go to workspace slots i + start_i / kChunk + k of channel d (see
+//   workspace_bytes). Uneven sequence lengths make uneven blocks, accepted as in the forward.
 #include "selective_scan_common.cuh"
 
 namespace fastscan {
@@ -25,7 +29,7 @@ namespace selective_scan {
 // NOTE: left free, ptxas takes 201 registers on sm_80 at 128 threads x 8 items (2 blocks/SM);
 // asking for 3 blocks/SM gives 164-167 (sm_80) / 154-156 (sm_90) with no spills, while 4 spills
 // ~180 bytes. The 32-thread config asks for 12 blocks/SM (<= 168 registers): 16 spilled on sm_80.
-template <int kNThreads, int kNItems, typename T>
+template <int kNThreads, int kNItems, typename T, bool kPacked>
 __global__ __launch_bounds__(kNThreads, kNThreads >= 128 ? 3 : 12) void selective_scan_bwd_kernel(
     const FsScanBwdParams bp) {
   constexpr int kNWarps = kNThreads / 32;
@@ -39,28 +43,42 @@ __global__ __launch_bounds__(kNThreads, kNThreads >= 128 ? 3 : 12) void selectiv
 
   const FsScanParams& p = bp.fwd;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int64_t d = blockIdx.x, b = blockIdx.y;
-  const int64_t seqlen = p.seqlen;
+  const int64_t d = blockIdx.x;
+  // seq indexes the states; (b, start, seqlen) the steps. Unpacked: seq = b, start = 0.
+  const int64_t seq = blockIdx.y;
+  const SeqRange range = seq_range<kPacked>(p, seq);
+  const int64_t b = range.batch, start = range.start, seqlen = range.len;
   const int dstate = static_cast<int>(p.dstate);
   const int64_t n_groups = p.n_groups;
   const int64_t g = d / (p.dim / n_groups);
-  const int64_t row = b * p.dim + d;  // index of the contiguous (batch, dim, ...) outputs
+  const int64_t row = b * p.dim + d;            // row of the contiguous (batch, dim, ...) outputs
+  const int64_t state_row = seq * p.dim + d;  // row of dlast_state / dinitial_state
+  // The contiguous outputs' rows are p.seqlen (the packed total) long. Unpacked, name it by the
+  // local copy: re-reading p.seqlen cost the sm_90 kernels 4 registers.
+  const int64_t row_len = kPacked ? p.seqlen : seqlen;
+  const int64_t out_offset = row * row_len + start;
 
-  const T* u = static_cast<const T*>(p.u) + b * p.u_stride[0] + d * p.u_stride[1];
-  const T* delta = static_cast<const T*>(p.delta) + b * p.delta_stride[0] + d * p.delta_stride[1];
+  const T* u = static_cast<const T*>(p.u) + b * p.u_stride[0] + d * p.u_stride[1] +
+               start * p.u_stride[2];
+  const T* delta = static_cast<const T*>(p.delta) + b * p.delta_stride[0] +
+                   d * p.delta_stride[1] + start * p.delta_stride[2];
   const T* z = p.z == nullptr ? nullptr
-                              : static_cast<const T*>(p.z) + b * p.z_stride[0] + d * p.z_stride[1];
-  const T* dy = static_cast<const T*>(bp.dy) + b * bp.dy_stride[0] + d * bp.dy_stride[1];
-  const T* B = static_cast<const T*>(p.B) + b * p.B_stride[0] + g * p.B_stride[1];
-  const T* C = static_cast<const T*>(p.C) + b * p.C_stride[0] + g * p.C_stride[1];
+                              : static_cast<const T*>(p.z) + b * p.z_stride[0] +
+                                    d * p.z_stride[1] + start * p.z_stride[2];
+  const T* dy = static_cast<const T*>(bp.dy) + b * bp.dy_stride[0] + d * bp.dy_stride[1] +
+                start * bp.dy_stride[2];
+  const T* B = static_cast<const T*>(p.B) + b * p.B_stride[0] + g * p.B_stride[1] +
+               start * p.B_stride[3];
+  const T* C = static_cast<const T*>(p.C) + b * p.C_stride[0] + g * p.C_stride[1] +
+               start * p.C_stride[3];
   const float* A = p.A + d * p.A_stride[0];
   const float D = p.D == nullptr ? 0.0f : p.D[d];
   const float bias = p.delta_bias == nullptr ? 0.0f : p.delta_bias[d];
-  T* du_out = static_cast<T*>(bp.du) + row * seqlen;
-  T* ddelta_out = static_cast<T*>(bp.ddelta) + row * seqlen;
-  T* dz_out = bp.dz == nullptr ? nullptr : static_cast<T*>(bp.dz) + row * seqlen;
-  float* dB = bp.dB + (b * n_groups + g) * dstate * seqlen;
-  float* dC = bp.dC + (b * n_groups + g) * dstate * seqlen;
+  T* du_out = static_cast<T*>(bp.du) + out_offset;
+  T* ddelta_out = static_cast<T*>(bp.ddelta) + out_offset;
+  T* dz_out = bp.dz == nullptr ? nullptr : static_cast<T*>(bp.dz) + out_offset;
+  float* dB = bp.dB + (b * n_groups + g) * dstate * row_len + start;
+  float* dC = bp.dC + (b * n_groups + g) * dstate * row_len + start;
 
   // Which rows allow vector accesses, as bits of one register (seven bools spilled on sm_90).
   enum : unsigned { kU = 1, kDelta = 2, kZ = 4, kDy = 8, kB = 16, kC = 32, kOut = 64 };
@@ -84,16 +102,20 @@ __global__ __launch_bounds__(kNThreads, kNThreads >= 128 ? 3 : 12) void selectiv
              : 0u;
 
   const int64_t nchunks = (seqlen + kChunk - 1) / kChunk;
+  const int64_t first_slot =
+      !kPacked
+          ? row * (nchunks - 1)
+          : d * (p.num_seqs + (p.seqlen + kChunk - 1) / kChunk) + seq + start / kChunk;
   float* chunk_states =
-      nchunks > 1 ? static_cast<float*>(bp.workspace) + row * (nchunks - 1) * dstate : nullptr;
+      nchunks > 1 ? static_cast<float*>(bp.workspace) + first_slot * dstate : nullptr;
 
   for (int n = tid; n < dstate; n += kNThreads) {
     h_carry[0][n] = p.initial_state == nullptr
                         ? 0.0f
-                        : p.initial_state[b * p.initial_state_stride[0] +
+                        : p.initial_state[seq * p.initial_state_stride[0] +
                                           d * p.initial_state_stride[1] +
                                           n * p.initial_state_stride[2]];
-    e_carry[0][n] = bp.dlast_state == nullptr ? 0.0f : bp.dlast_state[row * dstate + n];
+    e_carry[0][n] = bp.dlast_state == nullptr ? 0.0f : bp.dlast_state[state_row * dstate + n];
     dA_sum[n] = 0.0f;
   }
   __syncthreads();
@@ -205,7 +227,7 @@ __global__ __launch_bounds__(kNThreads, kNThreads >= 128 ? 3 : 12) void selectiv
       float h = chunk > 0 ? chunk_states[(chunk - 1) * dstate + n]
                 : p.initial_state == nullptr
                     ? 0.0f
-                    : p.initial_state[b * p.initial_state_stride[0] +
+                    : p.initial_state[seq * p.initial_state_stride[0] +
                                       d * p.initial_state_stride[1] +
                                       n * p.initial_state_stride[2]];
 #pragma unroll
@@ -232,8 +254,8 @@ __global__ __launch_bounds__(kNThreads, kNThreads >= 128 ? 3 : 12) void selectiv
       if (lane < 31) e = e_next_lane;
 
       float h_before[kNItems];
-      float* dC_row = dC + n * seqlen;
-      float* dB_row = dB + n * seqlen;
+      float* dC_row = dC + n * row_len;
+      float* dB_row = dB + n * row_len;
 #pragma unroll
       for (int i = 0; i < kNItems; ++i) {
         h_before[i] = h;
@@ -282,16 +304,21 @@ __global__ __launch_bounds__(kNThreads, kNThreads >= 128 ? 3 : 12) void selectiv
   for (int n = tid; n < dstate; n += kNThreads) {
     atomicAdd(bp.dA + d * dstate + n, dA_sum[n]);
     if (bp.dinitial_state != nullptr) {
-      bp.dinitial_state[row * dstate + n] = e_carry[reverse_parity][n];
+      bp.dinitial_state[state_row * dstate + n] = e_carry[reverse_parity][n];
     }
   }
 }
 
 template <typename Config, typename T>
 void launch_bwd(const FsScanBwdParams& bp, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(bp.fwd.dim), static_cast<unsigned>(bp.fwd.batch));
-  auto kernel = &selective_scan_bwd_kernel<Config::kNThreads, Config::kNItems, T>;
-  FS_LAUNCH(kernel, grid, Config::kNThreads, 0, stream, bp);
+  const dim3 grid(static_cast<unsigned>(bp.fwd.dim), static_cast<unsigned>(grid_rows(bp.fwd)));
+  if (bp.fwd.cu_seqlens != nullptr) {
+    auto kernel = &selective_scan_bwd_kernel<Config::kNThreads, Config::kNItems, T, true>;
+    FS_LAUNCH(kernel, grid, Config::kNThreads, 0, stream, bp);
+  } else {
+    auto kernel = &selective_scan_bwd_kernel<Config::kNThreads, Config::kNItems, T, false>;
+    FS_LAUNCH(kernel, grid, Config::kNThreads, 0, stream, bp);
+  }
 }
 
 template <typename T>
@@ -303,9 +330,16 @@ void launch_bwd_for_length(const FsScanBwdParams& bp, cudaStream_t stream) {
   }
 }
 
+// Chunk states of the backward's phase 1, one dstate-float slot per chunk boundary. Unpacked:
+// (batch, dim, nchunks - 1) slots. Packed: the host cannot read the lengths, so sequence i uses
+// slots i + start_i / chunk + k (k < nchunks_i - 1) of its channel; as
+// start_i / chunk + ceil(len_i / chunk) <= end_i / chunk + 1, they stay below sequence i+1's first
+// slot, and num_seqs + ceil(total / chunk) slots per channel hold them all.
 inline int64_t workspace_bytes(const FsScanParams& p) {
   const int64_t nchunks = num_chunks_for(p.seqlen);
-  return nchunks > 1 ? p.batch * p.dim * (nchunks - 1) * p.dstate * 4 : 0;
+  if (nchunks <= 1) return 0;  // no sequence is longer than the packed total
+  const int64_t slots = p.cu_seqlens != nullptr ? p.num_seqs + nchunks : p.batch * (nchunks - 1);
+  return p.dim * slots * p.dstate * 4;
 }
 
 }  // namespace selective_scan

@@ -47,6 +47,29 @@ inline int64_t num_chunks_for(int64_t seqlen) {
   return (seqlen + chunk - 1) / chunk;
 }
 
+// ---- packed sequences ---------------------------------------------------------------------------
+// Grid rows: one per batch row, or one per packed sequence (the config still follows p.seqlen,
+// the packed total, since the host may not read cu_seqlens).
+inline int64_t grid_rows(const FsScanParams& p) {
+  return p.cu_seqlens != nullptr ? p.num_seqs : p.batch;
+}
+
+// The steps grid row `seq` owns: [start, start + len) of batch row `batch`. kPacked is a template
+// flag, not a test of p.cu_seqlens, so the unpacked kernels compile to exactly what they were
+// before packing existed (a runtime branch cost the backward 5 registers and a spill on sm_90).
+struct SeqRange {
+  int64_t batch, start, len;
+};
+template <bool kPacked>
+__device__ __forceinline__ SeqRange seq_range(const FsScanParams& p, int64_t seq) {
+  if constexpr (!kPacked) {
+    return SeqRange{seq, 0, p.seqlen};
+  } else {
+    const int64_t start = p.cu_seqlens[seq];
+    return SeqRange{0, start, p.cu_seqlens[seq + 1] - start};
+  }
+}
+
 
 // Widest vector (<= 16 bytes) that covers one thread's items.
 template <int kBytes>
@@ -180,6 +203,19 @@ inline int validate_scan_params(const FsScanParams* p, const char* fn) {
   if (p->batch > 65535) {
     return fs_fail(FS_ERR_UNSUPPORTED, "%s: batch=%lld exceeds the grid limit 65535", fn,
                    (long long)p->batch);
+  }
+  if (p->cu_seqlens == nullptr && p->num_seqs != 0) {
+    return fs_fail(FS_ERR_INVALID, "%s: num_seqs=%lld without cu_seqlens (expected 0)", fn,
+                   (long long)p->num_seqs);
+  }
+  if (p->cu_seqlens != nullptr && (p->batch != 1 || p->num_seqs < 1)) {
+    return fs_fail(FS_ERR_INVALID,
+                   "%s: packed sequences need batch 1 and num_seqs >= 1, got batch=%lld "
+                   "num_seqs=%lld", fn, (long long)p->batch, (long long)p->num_seqs);
+  }
+  if (p->num_seqs > 65535) {
+    return fs_fail(FS_ERR_UNSUPPORTED, "%s: num_seqs=%lld exceeds the grid limit 65535", fn,
+                   (long long)p->num_seqs);
   }
   if (p->dim > 0x7fffffffLL) {
     return fs_fail(FS_ERR_UNSUPPORTED, "%s: dim=%lld exceeds the grid limit", fn,

@@ -14,6 +14,11 @@
 // g_t = dy'_t C_t + exp(delta_{t+1} A) g_{t+1}. dB/dC (sums over a group's channels) go to
 // per-thread accumulators, reduced in thread order after each (batch, group): deterministic for a
 // given thread count. dA, dD, ddelta_bias have one writer per channel per batch index.
+//
+// Packed sequences (cu_seqlens, batch 1): a forward item is (sequence, group, tile) and scans only
+// the sequence's steps from its own initial state; items are handed out dynamically because their
+// lengths differ. In the backward a tile walks all sequences in order, so dA, dD, ddelta_bias keep
+// one writer per channel and dB/dC stay deterministic.
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
@@ -35,6 +40,17 @@ constexpr int kChunk = 64;
 struct Shape {
   int64_t batch, dim, L, N, G, dpg, tiles;  // dpg: channels per group; tiles: per group
 };
+
+// The steps [begin, end) of batch row b that one scan covers, and the index of its states
+// (initial_state, last_state, dlast_state, dinitial_state): the batch row, or the packed sequence.
+struct Span {
+  int64_t b, seq, begin, end;
+};
+Span span_of(const FsScanParams* p, int64_t row) {
+  if (!p->cu_seqlens) return Span{row, row, 0, p->seqlen};
+  return Span{0, row, p->cu_seqlens[row], p->cu_seqlens[row + 1]};
+}
+int64_t span_rows(const FsScanParams* p) { return p->cu_seqlens ? p->num_seqs : p->batch; }
 
 
 // buf[t * kW + c] = float(src[off + c * sd + t * st]) for t < T, c < w; lanes c >= w are 0.
@@ -147,11 +163,11 @@ void load_tile_constants(const FsScanParams* p, const Shape& sh, int64_t d0, int
   }
 }
 
-void load_initial_state(const FsScanParams* p, const Shape& sh, int64_t b, int64_t d0, int w, float* h) {
+void load_initial_state(const FsScanParams* p, const Shape& sh, int64_t seq, int64_t d0, int w, float* h) {
   for (int64_t n = 0; n < sh.N; ++n)
     for (int c = 0; c < kW; ++c)
       h[n * kW + c] = (p->initial_state && c < w)
-                          ? p->initial_state[b * p->initial_state_stride[0] + (d0 + c) * p->initial_state_stride[1] +
+                          ? p->initial_state[seq * p->initial_state_stride[0] + (d0 + c) * p->initial_state_stride[1] +
                                              n * p->initial_state_stride[2]]
                           : 0.f;
 }
@@ -224,6 +240,24 @@ int check_params(const FsScanParams* p, Shape& sh) {
   if (work && p->seqlen > 0 && (!p->u || !p->delta || !p->B || !p->C))
     return fs_fail(FS_ERR_INVALID, "selective_scan (cpu): u, delta, B and C must not be NULL");
   if (work && p->dstate > 0 && !p->A) return fs_fail(FS_ERR_INVALID, "selective_scan (cpu): A must not be NULL");
+  if (!p->cu_seqlens && p->num_seqs != 0)
+    return fs_fail(FS_ERR_INVALID, "selective_scan (cpu): num_seqs=%lld without cu_seqlens (expected 0)",
+                   (long long)p->num_seqs);
+  if (p->cu_seqlens) {
+    if (p->batch != 1 || p->num_seqs < 1)
+      return fs_fail(FS_ERR_INVALID,
+                     "selective_scan (cpu): packed sequences need batch 1 and num_seqs >= 1, got batch=%lld num_seqs=%lld",
+                     (long long)p->batch, (long long)p->num_seqs);
+    // The boundaries are host memory here: checking them is cheap and guards every index below.
+    const int32_t* cu = p->cu_seqlens;
+    if (cu[0] != 0 || cu[p->num_seqs] != p->seqlen)
+      return fs_fail(FS_ERR_INVALID, "selective_scan (cpu): cu_seqlens must run from 0 to seqlen=%lld, got %d .. %d",
+                     (long long)p->seqlen, cu[0], cu[p->num_seqs]);
+    for (int64_t i = 0; i < p->num_seqs; ++i)
+      if (cu[i + 1] < cu[i])
+        return fs_fail(FS_ERR_INVALID, "selective_scan (cpu): cu_seqlens decreases at %lld: %d then %d",
+                       (long long)i, cu[i], cu[i + 1]);
+  }
   sh.batch = p->batch;
   sh.dim = p->dim;
   sh.L = p->seqlen;
@@ -245,6 +279,45 @@ int convert_b_and_c(const FsScanParams* p, const Shape& sh, FloatBuf& Bf, FloatB
   return FS_OK;
 }
 
+// Per-thread buffers of the forward.
+struct FwdWork {
+  float *A2, *h, *Dl, *biasl, *y;
+  ChunkIn ci;
+};
+
+// Forward of one tile of group g over the span's steps.
+void fwd_tile(const FsScanParams* p, const Shape& sh, const Span& s, int64_t g, int64_t tile, const float* Bf,
+              const float* Cf, FwdWork& wk) {
+  const int64_t N = sh.N, bg = s.b * sh.G + g;
+  const int64_t d0 = g * sh.dpg + tile * kW;
+  const int w = int(std::min<int64_t>(kW, sh.dpg - tile * kW));
+  const ChunkIn& ci = wk.ci;
+  float* y = wk.y;
+  load_tile_constants(p, sh, d0, w, wk.A2, nullptr, wk.Dl, wk.biasl);
+  load_initial_state(p, sh, s.seq, d0, w, wk.h);
+  const vf Dv = vload(wk.Dl);
+  for (int64_t t0 = s.begin; t0 < s.end; t0 += kChunk) {
+    const int T = int(std::min<int64_t>(kChunk, s.end - t0));
+    load_chunk_inputs(p, ci, s.b, d0, w, t0, T, wk.biasl);
+    for (int t = 0; t < T; ++t) vstore(y + t * kW, vzero());
+    const int64_t bc_off = (bg * sh.L + t0) * N;
+    scan_all_states(wk.h, wk.A2, Bf + bc_off, Cf + bc_off, N, ci.dl, ci.dtu, y, T);
+    for (int t = 0; t < T; ++t) {
+      vf yv = vfma(Dv, vload(ci.u + t * kW), vload(y + t * kW));
+      if (p->z) {
+        const vf zv = vload(ci.z + t * kW);
+        yv = vmul(yv, vmul(zv, vsigmoid(zv)));
+      }
+      vstore(y + t * kW, yv);
+    }
+    store_tile(p->y, p->dtype, s.b * p->y_stride[0] + d0 * p->y_stride[1] + t0 * p->y_stride[2], p->y_stride[1],
+               p->y_stride[2], w, T, y);
+  }
+  if (p->last_state)
+    for (int c = 0; c < w; ++c)
+      for (int64_t n = 0; n < N; ++n) p->last_state[(s.seq * sh.dim + d0 + c) * N + n] = wk.h[n * kW + c];
+}
+
 }  // namespace
 
 extern "C" FS_API int fs_selective_scan_fwd(const FsScanParams* p) {
@@ -255,54 +328,38 @@ extern "C" FS_API int fs_selective_scan_fwd(const FsScanParams* p) {
   FloatBuf Bf, Cf;
   if (int rc = convert_b_and_c(p, sh, Bf, Cf)) return rc;
 
-  const int64_t items = sh.batch * sh.G * sh.tiles;
+  // An item is one tile of one (batch row or packed sequence, group).
+  const int64_t items = span_rows(p) * sh.G * sh.tiles;
   std::atomic<bool> alloc_failed{false};
 #pragma omp parallel
   {
     FloatBuf work;
     const int64_t N = sh.N;
-    if (!work.alloc(kW * (3 * N + 2 + 5 * kChunk))) {
-      alloc_failed = true;
-    } else {
-      float* A2 = work.p;
-      float* h = A2 + N * kW;
-      float* Dl = h + N * kW;
-      float* biasl = Dl + kW;
-      ChunkIn ci;
-      ci.dl = biasl + kW;
-      ci.dtu = ci.dl + kChunk * kW;
-      ci.u = ci.dtu + kChunk * kW;
-      ci.z = ci.u + kChunk * kW;
-      ci.xpre = nullptr;
-      float* y = ci.z + kChunk * kW;
+    if (!work.alloc(kW * (3 * N + 2 + 5 * kChunk))) alloc_failed = true;
+    // Every thread must meet the worksharing loop or none: decide together.
+#pragma omp barrier
+    if (!alloc_failed) {
+      FwdWork wk;
+      wk.A2 = work.p;
+      wk.h = wk.A2 + N * kW;
+      wk.Dl = wk.h + N * kW;
+      wk.biasl = wk.Dl + kW;
+      wk.ci.dl = wk.biasl + kW;
+      wk.ci.dtu = wk.ci.dl + kChunk * kW;
+      wk.ci.u = wk.ci.dtu + kChunk * kW;
+      wk.ci.z = wk.ci.u + kChunk * kW;
+      wk.ci.xpre = nullptr;
+      wk.y = wk.ci.z + kChunk * kW;
+      auto run = [&](int64_t item) {
+        const int64_t tile = item % sh.tiles, rg = item / sh.tiles;
+        fwd_tile(p, sh, span_of(p, rg / sh.G), rg % sh.G, tile, Bf.p, Cf.p, wk);
+      };
+      if (p->cu_seqlens) {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < items; ++item) run(item);
+      } else {
 #pragma omp for schedule(static)
-      for (int64_t item = 0; item < items; ++item) {
-        const int64_t tile = item % sh.tiles, bg = item / sh.tiles, g = bg % sh.G, b = bg / sh.G;
-        const int64_t d0 = g * sh.dpg + tile * kW;
-        const int w = int(std::min<int64_t>(kW, sh.dpg - tile * kW));
-        load_tile_constants(p, sh, d0, w, A2, nullptr, Dl, biasl);
-        load_initial_state(p, sh, b, d0, w, h);
-        const vf Dv = vload(Dl);
-        for (int64_t t0 = 0; t0 < sh.L; t0 += kChunk) {
-          const int T = int(std::min<int64_t>(kChunk, sh.L - t0));
-          load_chunk_inputs(p, ci, b, d0, w, t0, T, biasl);
-          for (int t = 0; t < T; ++t) vstore(y + t * kW, vzero());
-          const int64_t bc_off = (bg * sh.L + t0) * N;
-          scan_all_states(h, A2, Bf.p + bc_off, Cf.p + bc_off, N, ci.dl, ci.dtu, y, T);
-          for (int t = 0; t < T; ++t) {
-            vf yv = vfma(Dv, vload(ci.u + t * kW), vload(y + t * kW));
-            if (p->z) {
-              const vf zv = vload(ci.z + t * kW);
-              yv = vmul(yv, vmul(zv, vsigmoid(zv)));
-            }
-            vstore(y + t * kW, yv);
-          }
-          store_tile(p->y, p->dtype, b * p->y_stride[0] + d0 * p->y_stride[1] + t0 * p->y_stride[2], p->y_stride[1],
-                     p->y_stride[2], w, T, y);
-        }
-        if (p->last_state)
-          for (int c = 0; c < w; ++c)
-            for (int64_t n = 0; n < N; ++n) p->last_state[(b * sh.dim + d0 + c) * N + n] = h[n * kW + c];
+        for (int64_t item = 0; item < items; ++item) run(item);
       }
     }
   }
@@ -321,15 +378,14 @@ struct BwdWork {
   ChunkIn ci;
 };
 
-// Backward of one tile of (b, g). accB/accC: this thread's [t][n] accumulators for (b, g).
-void bwd_tile(const FsScanBwdParams* q, const Shape& sh, int64_t b, int64_t g, int64_t tile, const float* Bf,
-              const float* Cf, BwdWork& wk, float* accB, float* accC) {
+// Backward of the tile of channels [d0, d0 + w) of group g over the span's steps; the tile's
+// constants are in wk. Adds to wk.dA, dDacc, dbacc and to this thread's [t][n] accumulators
+// accB/accC of (span.b, g); writes du, ddelta, dz of the span and dinitial_state[span.seq].
+void bwd_span(const FsScanBwdParams* q, const Shape& sh, const Span& s, int64_t g, int64_t d0, int w,
+              const float* Bf, const float* Cf, BwdWork& wk, float* accB, float* accC, vf& dDacc, vf& dbacc) {
   const FsScanParams* p = &q->fwd;
-  const int64_t N = sh.N, L = sh.L, bg = b * sh.G + g;
-  const int64_t d0 = g * sh.dpg + tile * kW;
-  const int w = int(std::min<int64_t>(kW, sh.dpg - tile * kW));
-  const int64_t nchunks = (L + kChunk - 1) / kChunk;
-  load_tile_constants(p, sh, d0, w, wk.A2, wk.Araw, wk.Dl, wk.biasl);
+  const int64_t N = sh.N, L = sh.L, b = s.b, bg = b * sh.G + g;
+  const int64_t nchunks = (s.end - s.begin + kChunk - 1) / kChunk;
   const vf Dv = vload(wk.Dl);
   const ChunkIn& ci = wk.ci;
   const float* Bbg = Bf + bg * L * N;
@@ -337,10 +393,10 @@ void bwd_tile(const FsScanBwdParams* q, const Shape& sh, int64_t b, int64_t g, i
 
   // forward pass: the state at the start of every chunk
   float* h = wk.hstart_all;
-  load_initial_state(p, sh, b, d0, w, h);
+  load_initial_state(p, sh, s.seq, d0, w, h);
   for (int64_t k = 0; k + 1 < nchunks; ++k) {
-    const int64_t t0 = k * kChunk;
-    const int T = int(std::min<int64_t>(kChunk, L - t0));
+    const int64_t t0 = s.begin + k * kChunk;
+    const int T = int(std::min<int64_t>(kChunk, s.end - t0));
     load_chunk_inputs(p, ci, b, d0, w, t0, T, wk.biasl);
     float* hn = h + N * kW;
     for (int64_t i = 0; i < N * kW; ++i) hn[i] = h[i];
@@ -357,15 +413,12 @@ void bwd_tile(const FsScanBwdParams* q, const Shape& sh, int64_t b, int64_t g, i
 
   // g carry starts as dlast_state
   for (int64_t n = 0; n < N; ++n)
-    for (int c = 0; c < kW; ++c) {
-      wk.gc[n * kW + c] = (q->dlast_state && c < w) ? q->dlast_state[(b * sh.dim + d0 + c) * N + n] : 0.f;
-      wk.dA[n * kW + c] = 0.f;
-    }
-  vf dDacc = vzero(), dbacc = vzero();
+    for (int c = 0; c < kW; ++c)
+      wk.gc[n * kW + c] = (q->dlast_state && c < w) ? q->dlast_state[(s.seq * sh.dim + d0 + c) * N + n] : 0.f;
 
   for (int64_t k = nchunks - 1; k >= 0; --k) {
-    const int64_t t0 = k * kChunk;
-    const int T = int(std::min<int64_t>(kChunk, L - t0));
+    const int64_t t0 = s.begin + k * kChunk;
+    const int T = int(std::min<int64_t>(kChunk, s.end - t0));
     const float* h0 = wk.hstart_all + k * N * kW;
     load_chunk_inputs(p, ci, b, d0, w, t0, T, wk.biasl);
     load_tile(wk.dy, q->dy, p->dtype, b * q->dy_stride[0] + d0 * q->dy_stride[1] + t0 * q->dy_stride[2],
@@ -440,7 +493,25 @@ void bwd_tile(const FsScanBwdParams* q, const Shape& sh, int64_t b, int64_t g, i
 
   if (q->dinitial_state)
     for (int c = 0; c < w; ++c)
-      for (int64_t n = 0; n < N; ++n) q->dinitial_state[(b * sh.dim + d0 + c) * N + n] = wk.gc[n * kW + c];
+      for (int64_t n = 0; n < N; ++n) q->dinitial_state[(s.seq * sh.dim + d0 + c) * N + n] = wk.gc[n * kW + c];
+}
+
+// Backward of one tile of (b, g): unpacked, the row b; packed (b = 0), every sequence in order.
+void bwd_tile(const FsScanBwdParams* q, const Shape& sh, int64_t b, int64_t g, int64_t tile, const float* Bf,
+              const float* Cf, BwdWork& wk, float* accB, float* accC) {
+  const FsScanParams* p = &q->fwd;
+  const int64_t N = sh.N;
+  const int64_t d0 = g * sh.dpg + tile * kW;
+  const int w = int(std::min<int64_t>(kW, sh.dpg - tile * kW));
+  load_tile_constants(p, sh, d0, w, wk.A2, wk.Araw, wk.Dl, wk.biasl);
+  for (int64_t i = 0; i < N * kW; ++i) wk.dA[i] = 0.f;
+  vf dDacc = vzero(), dbacc = vzero();
+  if (p->cu_seqlens) {
+    for (int64_t seq = 0; seq < p->num_seqs; ++seq)
+      bwd_span(q, sh, span_of(p, seq), g, d0, w, Bf, Cf, wk, accB, accC, dDacc, dbacc);
+  } else {
+    bwd_span(q, sh, span_of(p, b), g, d0, w, Bf, Cf, wk, accB, accC, dDacc, dbacc);
+  }
   for (int c = 0; c < w; ++c)
     for (int64_t n = 0; n < N; ++n) q->dA[(d0 + c) * N + n] += wk.dA[n * kW + c];
   alignas(64) float lanes[kW];

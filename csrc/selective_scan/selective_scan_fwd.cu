@@ -9,12 +9,16 @@
 //   continues from the state carried over from the previous chunk, and accumulates
 //   y += h * C[n] in registers. y is written once per chunk; last_state once at the end.
 //   State and accumulation are fp32 for every input dtype.
+//   Packed sequences (p.cu_seqlens): grid (dim, num_seqs); the block owns channel d of sequence
+//   i, i.e. the steps [cu_seqlens[i], cu_seqlens[i+1]) of batch row 0, with its own initial and
+//   last state. Sequences of very different lengths make the blocks uneven, which is accepted: the
+//   grid must follow from shapes alone (no host read of cu_seqlens).
 #include "selective_scan_common.cuh"
 
 namespace fastscan {
 namespace selective_scan {
 
-template <int kNThreads, int kNItems, typename T>
+template <int kNThreads, int kNItems, typename T, bool kPacked>
 __global__ __launch_bounds__(kNThreads) void selective_scan_fwd_kernel(const FsScanParams p) {
   constexpr int kNWarps = kNThreads / 32;
   constexpr int kChunk = kNThreads * kNItems;
@@ -25,18 +29,26 @@ __global__ __launch_bounds__(kNThreads) void selective_scan_fwd_kernel(const FsS
   __shared__ float carry[2][kMaxDstate];  // state at the start of the chunk, by chunk parity
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int64_t d = blockIdx.x, b = blockIdx.y;
-  const int64_t seqlen = p.seqlen;
+  const int64_t d = blockIdx.x;
+  // seq indexes the states; (b, start, seqlen) the steps. Unpacked: seq = b, start = 0.
+  const int64_t seq = blockIdx.y;
+  const SeqRange r = seq_range<kPacked>(p, seq);
+  const int64_t b = r.batch, start = r.start, seqlen = r.len;
   const int dstate = static_cast<int>(p.dstate);
   const int64_t g = d / (p.dim / p.n_groups);
 
-  const T* u = static_cast<const T*>(p.u) + b * p.u_stride[0] + d * p.u_stride[1];
-  const T* delta = static_cast<const T*>(p.delta) + b * p.delta_stride[0] + d * p.delta_stride[1];
+  const T* u = static_cast<const T*>(p.u) + b * p.u_stride[0] + d * p.u_stride[1] +
+               start * p.u_stride[2];
+  const T* delta = static_cast<const T*>(p.delta) + b * p.delta_stride[0] +
+                   d * p.delta_stride[1] + start * p.delta_stride[2];
   const T* z = p.z == nullptr ? nullptr
-                              : static_cast<const T*>(p.z) + b * p.z_stride[0] + d * p.z_stride[1];
-  T* y = static_cast<T*>(p.y) + b * p.y_stride[0] + d * p.y_stride[1];
-  const T* B = static_cast<const T*>(p.B) + b * p.B_stride[0] + g * p.B_stride[1];
-  const T* C = static_cast<const T*>(p.C) + b * p.C_stride[0] + g * p.C_stride[1];
+                              : static_cast<const T*>(p.z) + b * p.z_stride[0] +
+                                    d * p.z_stride[1] + start * p.z_stride[2];
+  T* y = static_cast<T*>(p.y) + b * p.y_stride[0] + d * p.y_stride[1] + start * p.y_stride[2];
+  const T* B = static_cast<const T*>(p.B) + b * p.B_stride[0] + g * p.B_stride[1] +
+               start * p.B_stride[3];
+  const T* C = static_cast<const T*>(p.C) + b * p.C_stride[0] + g * p.C_stride[1] +
+               start * p.C_stride[3];
   const float* A = p.A + d * p.A_stride[0];
   const float D = p.D == nullptr ? 0.0f : p.D[d];
   const float bias = p.delta_bias == nullptr ? 0.0f : p.delta_bias[d];
@@ -53,7 +65,7 @@ __global__ __launch_bounds__(kNThreads) void selective_scan_fwd_kernel(const FsS
   for (int n = tid; n < dstate; n += kNThreads) {
     carry[0][n] = p.initial_state == nullptr
                       ? 0.0f
-                      : p.initial_state[b * p.initial_state_stride[0] +
+                      : p.initial_state[seq * p.initial_state_stride[0] +
                                         d * p.initial_state_stride[1] +
                                         n * p.initial_state_stride[2]];
   }
@@ -134,16 +146,21 @@ __global__ __launch_bounds__(kNThreads) void selective_scan_fwd_kernel(const FsS
     __syncthreads();
     const int final_parity = static_cast<int>(nchunks & 1);
     for (int n = tid; n < dstate; n += kNThreads) {
-      p.last_state[(b * p.dim + d) * dstate + n] = carry[final_parity][n];
+      p.last_state[(seq * p.dim + d) * dstate + n] = carry[final_parity][n];
     }
   }
 }
 
 template <typename Config, typename T>
 void launch_fwd(const FsScanParams& p, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(p.dim), static_cast<unsigned>(p.batch));
-  auto kernel = &selective_scan_fwd_kernel<Config::kNThreads, Config::kNItems, T>;
-  FS_LAUNCH(kernel, grid, Config::kNThreads, 0, stream, p);
+  const dim3 grid(static_cast<unsigned>(p.dim), static_cast<unsigned>(grid_rows(p)));
+  if (p.cu_seqlens != nullptr) {
+    auto kernel = &selective_scan_fwd_kernel<Config::kNThreads, Config::kNItems, T, true>;
+    FS_LAUNCH(kernel, grid, Config::kNThreads, 0, stream, p);
+  } else {
+    auto kernel = &selective_scan_fwd_kernel<Config::kNThreads, Config::kNItems, T, false>;
+    FS_LAUNCH(kernel, grid, Config::kNThreads, 0, stream, p);
+  }
 }
 
 template <typename T>

@@ -7,6 +7,8 @@ Masking, shared by every backend (query row i of batch b, key position j, kv_len
     self_only[b, i] : visible = (j == i + offset) & (0 <= j < kv_len)  (own key only; causal or not)
 A row that sees no key outputs 0 (flash-attn's convention), and its gradient is 0.
 GQA: query head h reads kv head h // (heads // kv_heads).
+Packed sequences (flash_attn_varlen_func) apply all of this per sequence, with its own seqlen_q and
+kv_len: attention_varlen_ref is that definition, attention_varlen_padded the same without a host sync.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["attention_mask", "attention_ref", "attention_sdpa", "write_kv_cache", "kvcache_ref"]
+__all__ = ["attention_mask", "attention_ref", "attention_sdpa", "write_kv_cache", "kvcache_ref",
+           "attention_varlen_ref", "attention_varlen_padded"]
 
 
 def attention_mask(seqlen_q: int, seqlen_k: int, causal: bool, self_only: Optional[Tensor] = None,
@@ -71,12 +74,17 @@ def attention_sdpa(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, softma
     Differentiable with plain autograd; what the `torch` backend runs (fused CPU/GPU kernels, no
     materialised float scores on the flash/efficient paths)."""
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    qh, kh, vh = _heads_first(q, k, v)
     if _mask_is_plain(q.shape[1], k.shape[1], causal, self_only, kv_lens):
+        qh, kh, vh = _heads_first(q, k, v)
         # NOTE: no explicit mask lets SDPA skip the causal half; at 32K tokens the boolean masks were
         # most of a 6.4 GiB one-shot prefill (bench/prefill.py) and cost ~2.5x in time.
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal, scale=scale)
         return out.transpose(1, 2)
+    return _sdpa_masked(q, k, v, causal, scale, self_only, kv_lens)
+
+
+def _sdpa_masked(q, k, v, causal, scale, self_only, kv_lens):
+    qh, kh, vh = _heads_first(q, k, v)
     mask = attention_mask(q.shape[1], k.shape[1], causal, self_only, kv_lens, q.device)
     has_key = mask.any(dim=-1, keepdim=True)
     fill = mask | ~has_key  # SDPA gives NaN for a fully masked row; such rows are zeroed below
@@ -85,6 +93,57 @@ def attention_sdpa(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, softma
     out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=fill, scale=scale)
     out = out * has_key.to(out.dtype)
     return out.transpose(1, 2)
+
+
+def attention_varlen_ref(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                         causal: bool = False, softmax_scale: Optional[float] = None,
+                         self_only: Optional[Tensor] = None, attention=attention_ref) -> Tensor:
+    """Packed sequences, by definition: each sequence alone through `attention`, concatenated.
+
+    q (total_q, heads, headdim), k/v (total_k, kv_heads, headdim), cu_seqlens_* (num_seqs + 1,)
+    boundaries, self_only (total_q,) bool or None. The boundaries are read on the host (free for CPU
+    tensors, a device sync otherwise). A sequence without keys outputs 0 (and passes gradient 0).
+    """
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    pieces = []
+    for i in range(len(bounds_q) - 1):
+        (q0, q1), (k0, k1) = bounds_q[i: i + 2], bounds_k[i: i + 2]
+        if q1 == q0:
+            continue
+        rows = None if self_only is None else self_only[None, q0:q1]
+        # attention_ref handles a sequence without keys (zeros); SDPA kernels need not.
+        attend = attention if k1 > k0 else attention_ref
+        pieces.append(attend(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], causal, softmax_scale, rows)[0])
+    return torch.cat(pieces)  # total_q >= 1: some sequence has queries
+
+
+def attention_varlen_padded(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                            max_seqlen_q: int, max_seqlen_k: int, causal: bool = False,
+                            softmax_scale: Optional[float] = None, self_only: Optional[Tensor] = None) -> Tensor:
+    """attention_varlen_ref's function without reading the boundaries on the host (no device sync,
+    traceable by torch.compile): the sequences are gathered into a padded (num_seqs, max_seqlen, ...)
+    batch, attended with attention_sdpa's masked path, and gathered back.
+
+    Queries are right-aligned in their padded row and keys left-aligned with kv_lens = the sequence's
+    key count, so the bottom-right causal diagonal of the padded row is the sequence's own; the padding
+    query rows are computed and dropped. Costs num_seqs * max_seqlen_q * max_seqlen_k mask entries
+    per head: the fallback where the boundaries are not on the host.
+    """
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    device = q.device
+    cu_q, cu_k = cu_seqlens_q.to(device=device, dtype=torch.long), cu_seqlens_k.to(device=device, dtype=torch.long)
+    len_q, len_k = cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]
+    pad_q = max_seqlen_q - len_q  # leading padding rows of each padded query row
+    r = torch.arange(max_seqlen_q, device=device)
+    rows_q = (cu_q[:-1, None] + r[None, :] - pad_q[:, None]).clamp(0, q.shape[0] - 1)
+    c = torch.arange(max_seqlen_k, device=device)
+    rows_k = (cu_k[:-1, None] + c[None, :]).clamp(max=k.shape[0] - 1)  # past len_k: masked by kv_lens
+    padded_self_only = None if self_only is None else self_only[rows_q]
+    out = _sdpa_masked(q[rows_q], k[rows_k], v[rows_k], causal, scale, padded_self_only, len_k)
+    # Packed row t belongs to sequence s (cu_q[s] <= t < cu_q[s + 1]); empty sequences never match.
+    t = torch.arange(q.shape[0], device=device)
+    seq = torch.searchsorted(cu_q[1:], t, right=True)
+    return out[seq, t - cu_q[seq] + pad_q[seq]]
 
 
 def _mask_is_plain(seqlen_q: int, seqlen_k: int, causal: bool, self_only, kv_lens) -> bool:

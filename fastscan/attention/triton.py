@@ -19,6 +19,10 @@ Work layout:
   decode    seqlen_q * group <= 64 rows: one program per (KV split, batch * kv head) whose rows are
             the group's query heads x the query positions, so K/V are read once per kv head; each
             writes a partial (out, lse); a combine kernel merges the splits (flash-decoding).
+  packed    (flash_attn_varlen_func) the forward, dk/dv and dq kernels with VARLEN: "batch" is the
+            sequence, the grid covers the longest one (max_seqlen_*) and each program reads its
+            sequence's rows from cu_seqlens on the device (no host sync), leaving early past its end.
+            Sequences of very different lengths leave idle programs; the grid stays shape-only.
 Scores and accumulators are float32; fp32 inputs use IEEE dots (no TF32).
 """
 import os
@@ -81,7 +85,7 @@ def _first_config(kind, head_dim):
     return next(c[:4] for c in _CONFIG_TABLE[kind] if c[4] >= head_dim)
 
 
-_TUNE_KEY = ["HEAD_DIM", "IS_CAUSAL", "HAS_SELF_ONLY", "HAS_KV_LENS"]
+_TUNE_KEY = ["HEAD_DIM", "IS_CAUSAL", "HAS_SELF_ONLY", "HAS_KV_LENS", "VARLEN"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,6 +175,18 @@ def _key_range(start_m, seqlen_q, kv_len, offset, self_rows, mask_m,
     return lo, mid, hi
 
 
+@triton.jit
+def _varlen_rows(cu_seqlens_q, cu_seqlens_k, seq):
+    """(q_start, seqlen_q, k_start, seqlen_k) of packed sequence `seq`: its query rows are
+    [q_start, q_start + seqlen_q) of the packed q/out/self_only and its keys [k_start, k_start + seqlen_k)
+    of k/v. Read on the device, so the host never waits; starts are int64 for the pointer offsets."""
+    q_start = tl.load(cu_seqlens_q + seq)
+    k_start = tl.load(cu_seqlens_k + seq)
+    seqlen_q = tl.load(cu_seqlens_q + seq + 1) - q_start
+    seqlen_k = tl.load(cu_seqlens_k + seq + 1) - k_start
+    return q_start.to(tl.int64), seqlen_q, k_start.to(tl.int64), seqlen_k
+
+
 # ----------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------
@@ -203,20 +219,21 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
 @triton.heuristics({
     "HAS_KV_LENS": lambda args: args["kv_lens"] is not None,
     "HAS_SELF_ONLY": lambda args: args["self_only"] is not None,
+    "VARLEN": lambda args: args["cu_seqlens_q"] is not None,
     "BLOCK_D": lambda args: _block_d(args["HEAD_DIM"]),
     "DOT_PRECISION": lambda args: "ieee" if args["q"].dtype == torch.float32 else "tf32",
 })
 @triton.autotune(configs=_configs("fwd"), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune("fwd")})
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k"])
 def attention_fwd_kernel(
-    q, k, v, out, lse, kv_lens, self_only,
+    q, k, v, out, lse, kv_lens, self_only, cu_seqlens_q, cu_seqlens_k,
     seqlen_q, seqlen_k, heads, group, softmax_scale,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_ob, stride_om, stride_oh,
     stride_sb, stride_sm,
-    IS_CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr, HAS_SELF_ONLY: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr, HAS_SELF_ONLY: tl.constexpr, VARLEN: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -225,6 +242,8 @@ def attention_fwd_kernel(
     grid: (cdiv(seqlen_q, BLOCK_M), batch * heads). Reads its q tile once and the K/V blocks of
     [lo, hi) of kv head h // group once each; writes its out rows (q's dtype, last dim contiguous)
     and lse rows ((batch, heads, seqlen_q) float32) once.
+    VARLEN (packed sequences): "batch" is the sequence, grid (cdiv(max_seqlen_q, BLOCK_M),
+    num_seqs * heads); see _varlen_rows. lse is (heads, total_q).
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -232,12 +251,26 @@ def attention_fwd_kernel(
     h = pid_bh % heads
     kvh = (h // group).to(tl.int64)
     h = h.to(tl.int64)
-    if HAS_KV_LENS:
-        kv_len = tl.load(kv_lens + b)
-    else:
-        kv_len = seqlen_k
-    offset = kv_len - seqlen_q
     start_m = pid_m * BLOCK_M
+    if VARLEN:
+        q_start, seqlen_q_b, k_start, kv_len = _varlen_rows(cu_seqlens_q, cu_seqlens_k, b)
+        if start_m >= seqlen_q_b:  # past this sequence's queries (the grid covers the longest)
+            return
+        lse_rows = lse + h * seqlen_q + q_start  # the seqlen_q argument is total_q here
+        seqlen_q = seqlen_q_b
+        q += q_start * stride_qm
+        out += q_start * stride_om
+        k += k_start * stride_kn
+        v += k_start * stride_vn
+        if HAS_SELF_ONLY:
+            self_only += q_start * stride_sm
+    else:
+        lse_rows = lse + pid_bh.to(tl.int64) * seqlen_q
+        if HAS_KV_LENS:
+            kv_len = tl.load(kv_lens + b)
+        else:
+            kv_len = seqlen_k
+    offset = kv_len - seqlen_q
     offs_m = start_m + tl.arange(0, BLOCK_M)
     mask_m = offs_m < seqlen_q
     offs_d = tl.arange(0, BLOCK_D)
@@ -266,7 +299,7 @@ def attention_fwd_kernel(
     seen = l_i > 0.0
     acc = acc / tl.where(seen, l_i, 1.0)[:, None]
     row_lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("inf"))
-    tl.store(lse + pid_bh.to(tl.int64) * seqlen_q + offs_m, row_lse, mask=mask_m)
+    tl.store(lse_rows + offs_m, row_lse, mask=mask_m)
     out_ptrs = out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
     tl.store(out_ptrs, _cast(acc, out.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
 
@@ -343,13 +376,14 @@ def _dkdv_inner(dk, dv, k_tile, v_tile, q_base, do_base, lse_base, delta_base, s
 @triton.heuristics({
     "HAS_SELF_ONLY": lambda args: args["self_only"] is not None,
     "HAS_KV_LENS": lambda args: False,
+    "VARLEN": lambda args: args["cu_seqlens_q"] is not None,
     "BLOCK_D": lambda args: _block_d(args["HEAD_DIM"]),
     "DOT_PRECISION": lambda args: "ieee" if args["q"].dtype == torch.float32 else "tf32",
 })
 @triton.autotune(configs=_configs("dkdv"), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune("dkdv")})
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k"])
 def attention_bwd_dkdv_kernel(
-    q, k, v, dout, lse, delta, self_only, dk, dv,
+    q, k, v, dout, lse, delta, self_only, dk, dv, cu_seqlens_q, cu_seqlens_k,
     seqlen_q, seqlen_k, heads, group, softmax_scale,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
@@ -357,7 +391,7 @@ def attention_bwd_dkdv_kernel(
     stride_db, stride_dm, stride_dh, stride_dd,
     stride_gb, stride_gn, stride_gh,
     stride_sb, stride_sm,
-    IS_CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr, HAS_SELF_ONLY: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr, HAS_SELF_ONLY: tl.constexpr, VARLEN: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -366,14 +400,34 @@ def attention_bwd_dkdv_kernel(
     grid: (cdiv(seqlen_k, BLOCK_N), batch * kv_heads). Reads its K/V tile once and, per query head
     of the group, the q/dO tiles, lse and delta of the query blocks that see its keys; writes dk,
     dv (contiguous (batch, seqlen_k, kv_heads, headdim), k's dtype) once.
+    VARLEN: "batch" is the packed sequence, grid (cdiv(max_seqlen_k, BLOCK_N), num_seqs * kv_heads);
+    lse and delta are (heads, total_q). Every key row belongs to one sequence, so every dk/dv row is
+    written once (zeros for the keys of a sequence without queries).
     """
     pid_n = tl.program_id(0)
     pid_bkh = tl.program_id(1)
     kv_heads = heads // group
     b = (pid_bkh // kv_heads).to(tl.int64)
     kvh = (pid_bkh % kv_heads).to(tl.int64)
-    offset = seqlen_k - seqlen_q
     start_n = pid_n * BLOCK_N
+    if VARLEN:
+        q_start, seqlen_q_b, k_start, seqlen_k_b = _varlen_rows(cu_seqlens_q, cu_seqlens_k, b)
+        if start_n >= seqlen_k_b:  # past this sequence's keys (the grid covers the longest)
+            return
+        row_stride = seqlen_q  # lse/delta row of head h: h * total_q + q_start
+        seqlen_q = seqlen_q_b
+        seqlen_k = seqlen_k_b
+        q += q_start * stride_qm
+        dout += q_start * stride_dm
+        lse += q_start
+        delta += q_start
+        k += k_start * stride_kn
+        v += k_start * stride_vn
+        dk += k_start * stride_gn
+        dv += k_start * stride_gn
+        if HAS_SELF_ONLY:
+            self_only += q_start * stride_sm
+    offset = seqlen_k - seqlen_q
     offs_n = start_n + tl.arange(0, BLOCK_N)
     mask_n = offs_n < seqlen_k
     offs_d = tl.arange(0, BLOCK_D)
@@ -398,20 +452,23 @@ def attention_bwd_dkdv_kernel(
     dv_acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     for hg in range(group):
         h = kvh * group + hg
-        bh = b * heads + h
+        if VARLEN:
+            rows = h * row_stride
+        else:
+            rows = (b * heads + h) * seqlen_q
         q_base = q + b * stride_qb + h * stride_qh
         do_base = dout + b * stride_db + h * stride_dh
         if HAS_SELF_ONLY:
             self_base = self_only + b * stride_sb
         else:
             self_base = self_only
-        dk_acc, dv_acc = _dkdv_inner(dk_acc, dv_acc, k_tile, v_tile, q_base, do_base, lse + bh * seqlen_q,
-                                     delta + bh * seqlen_q, self_base, stride_qm, stride_qd, stride_dm, stride_dd,
+        dk_acc, dv_acc = _dkdv_inner(dk_acc, dv_acc, k_tile, v_tile, q_base, do_base, lse + rows,
+                                     delta + rows, self_base, stride_qm, stride_qd, stride_dm, stride_dd,
                                      stride_sm, start_n, offs_n, offs_d, mask_d, lo_m, mid_m, seqlen_q, seqlen_k, offset,
                                      qk_scale, IS_CAUSAL, HAS_SELF_ONLY, True, EVEN_D, BLOCK_M, BLOCK_N,
                                      DOT_PRECISION)
-        dk_acc, dv_acc = _dkdv_inner(dk_acc, dv_acc, k_tile, v_tile, q_base, do_base, lse + bh * seqlen_q,
-                                     delta + bh * seqlen_q, self_base, stride_qm, stride_qd, stride_dm, stride_dd,
+        dk_acc, dv_acc = _dkdv_inner(dk_acc, dv_acc, k_tile, v_tile, q_base, do_base, lse + rows,
+                                     delta + rows, self_base, stride_qm, stride_qd, stride_dm, stride_dd,
                                      stride_sm, start_n, offs_n, offs_d, mask_d, mid_m, seqlen_q, seqlen_q, seqlen_k, offset,
                                      qk_scale, IS_CAUSAL, HAS_SELF_ONLY, HAS_SELF_ONLY, EVEN_D, BLOCK_M, BLOCK_N,
                                      DOT_PRECISION)
@@ -448,13 +505,14 @@ def _dq_inner(dq, q, do, row_lse, row_delta, k_base, v_base, stride_kn, stride_k
 @triton.heuristics({
     "HAS_SELF_ONLY": lambda args: args["self_only"] is not None,
     "HAS_KV_LENS": lambda args: False,
+    "VARLEN": lambda args: args["cu_seqlens_q"] is not None,
     "BLOCK_D": lambda args: _block_d(args["HEAD_DIM"]),
     "DOT_PRECISION": lambda args: "ieee" if args["q"].dtype == torch.float32 else "tf32",
 })
 @triton.autotune(configs=_configs("dq"), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune("dq")})
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k"])
 def attention_bwd_dq_kernel(
-    q, k, v, dout, lse, delta, self_only, dq,
+    q, k, v, dout, lse, delta, self_only, dq, cu_seqlens_q, cu_seqlens_k,
     seqlen_q, seqlen_k, heads, group, softmax_scale,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
@@ -462,7 +520,7 @@ def attention_bwd_dq_kernel(
     stride_db, stride_dm, stride_dh, stride_dd,
     stride_gb, stride_gm, stride_gh,
     stride_sb, stride_sm,
-    IS_CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr, HAS_SELF_ONLY: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_KV_LENS: tl.constexpr, HAS_SELF_ONLY: tl.constexpr, VARLEN: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -470,6 +528,7 @@ def attention_bwd_dq_kernel(
 
     grid: (cdiv(seqlen_q, BLOCK_M), batch * heads). Reads its q/dO tiles, lse and delta once and the
     K/V blocks of the forward's [lo, hi) once each; writes dq (contiguous, q's dtype) once.
+    VARLEN: as the forward (grid over max_seqlen_q and num_seqs * heads; lse, delta (heads, total_q)).
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -477,9 +536,24 @@ def attention_bwd_dq_kernel(
     h = pid_bh % heads
     kvh = (h // group).to(tl.int64)
     h = h.to(tl.int64)
-    kv_len = seqlen_k
-    offset = kv_len - seqlen_q
     start_m = pid_m * BLOCK_M
+    if VARLEN:
+        q_start, seqlen_q_b, k_start, kv_len = _varlen_rows(cu_seqlens_q, cu_seqlens_k, b)
+        if start_m >= seqlen_q_b:
+            return
+        rows = h * seqlen_q + q_start  # the seqlen_q argument is total_q here
+        seqlen_q = seqlen_q_b
+        q += q_start * stride_qm
+        dout += q_start * stride_dm
+        dq += q_start * stride_gm
+        k += k_start * stride_kn
+        v += k_start * stride_vn
+        if HAS_SELF_ONLY:
+            self_only += q_start * stride_sm
+    else:
+        rows = pid_bh.to(tl.int64) * seqlen_q
+        kv_len = seqlen_k
+    offset = kv_len - seqlen_q
     offs_m = start_m + tl.arange(0, BLOCK_M)
     mask_m = offs_m < seqlen_q
     offs_d = tl.arange(0, BLOCK_D)
@@ -493,8 +567,8 @@ def attention_bwd_dq_kernel(
                         mask_m, mask_d, True, EVEN_D)
     do = _load_rows(dout + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dm + offs_d[None, :] * stride_dd,
                     mask_m, mask_d, True, EVEN_D)
-    row_lse = tl.load(lse + pid_bh.to(tl.int64) * seqlen_q + offs_m, mask=mask_m, other=float("inf")) * 1.4426950408889634
-    row_delta = tl.load(delta + pid_bh.to(tl.int64) * seqlen_q + offs_m, mask=mask_m, other=0.0)
+    row_lse = tl.load(lse + rows + offs_m, mask=mask_m, other=float("inf")) * 1.4426950408889634
+    row_delta = tl.load(delta + rows + offs_m, mask=mask_m, other=0.0)
     k_base = k + b * stride_kb + kvh * stride_kh
     v_base = v + b * stride_vb + kvh * stride_vh
     qk_scale = softmax_scale * 1.4426950408889634
@@ -665,7 +739,7 @@ def attention_forward(q, k, v, kv_lens, self_only, causal, softmax_scale):
     def grid(meta):
         return (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)
 
-    attention_fwd_kernel[grid](q, k, v, out, lse, kv_lens, self_only, *common, *strides,
+    attention_fwd_kernel[grid](q, k, v, out, lse, kv_lens, self_only, None, None, *common, *strides,
                                out.stride(0), out.stride(1), out.stride(2), *self_strides,
                                IS_CAUSAL=bool(causal), HEAD_DIM=head_dim)
     return out, lse
@@ -690,11 +764,70 @@ def attention_backward(dout, q, k, v, out, lse, self_only, causal, softmax_scale
     common = (seqlen_q, seqlen_k, heads, group, float(softmax_scale))
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * kv_heads)](
-        q, k, v, dout, lse, delta, self_only, dk, dv, *common, *strides, dk.stride(0), dk.stride(1), dk.stride(2),
+        q, k, v, dout, lse, delta, self_only, dk, dv, None, None, *common, *strides, dk.stride(0), dk.stride(1),
+        dk.stride(2),
         *self_strides, IS_CAUSAL=bool(causal), HEAD_DIM=head_dim)
     attention_bwd_dq_kernel[lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)](
-        q, k, v, dout, lse, delta, self_only, dq, *common, *strides, dq.stride(0), dq.stride(1), dq.stride(2),
+        q, k, v, dout, lse, delta, self_only, dq, None, None, *common, *strides, dq.stride(0), dq.stride(1),
+        dq.stride(2),
         *self_strides, IS_CAUSAL=bool(causal), HEAD_DIM=head_dim)
+    return dq, dk, dv
+
+
+# Packed sequences: q (total_q, heads, headdim), k/v (total_k, kv_heads, headdim), cu_seqlens_* int32
+# (num_seqs + 1,) on q's device, self_only bool (total_q,) or None. The kernels see batch strides of 0
+# and move their pointers to the sequence's first row themselves.
+def _varlen_self_only(self_only):
+    self_only, strides = _self_only_args(self_only)
+    return self_only, (0, strides[-1])
+
+
+def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, self_only, causal, softmax_scale):
+    """(out (total_q, heads, headdim) in q's dtype, lse (heads, total_q) float32)."""
+    total_q, heads, head_dim = q.shape
+    total_k, kv_heads = k.shape[0], k.shape[1]
+    num_seqs = cu_seqlens_q.numel() - 1
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
+    self_only, self_strides = _varlen_self_only(self_only)
+
+    def grid(meta):
+        return (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), num_seqs * heads)
+
+    attention_fwd_kernel[grid](q, k, v, out, lse, None, self_only, cu_seqlens_q, cu_seqlens_k,
+                               total_q, total_k, heads, heads // kv_heads, float(softmax_scale),
+                               0, *q.stride(), 0, *k.stride(), 0, *v.stride(), 0, out.stride(0), out.stride(1),
+                               *self_strides, IS_CAUSAL=bool(causal), HEAD_DIM=head_dim)
+    return out, lse
+
+
+def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                              self_only, causal, softmax_scale):
+    """(dq, dk, dv), contiguous, in the dtypes of q, k, v. out is contiguous (from attention_varlen_forward)."""
+    total_q, heads, head_dim = q.shape
+    total_k, kv_heads = k.shape[0], k.shape[1]
+    num_seqs = cu_seqlens_q.numel() - 1
+    out = out.contiguous()
+    lse = lse.contiguous()
+    # delta = rowsum(dO * O) needs no sequence boundaries: the packed rows as one batch row give
+    # (1, heads, total_q), lse's layout.
+    delta = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
+    block_m = 16 if _INTERPRET else 64
+    attention_bwd_preprocess_kernel[(triton.cdiv(total_q, block_m), heads)](
+        out, dout, delta, total_q, heads, 0, out.stride(0), out.stride(1), 0, *dout.stride(),
+        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=block_m, num_warps=4)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    self_only, self_strides = _varlen_self_only(self_only)
+    common = (total_q, total_k, heads, heads // kv_heads, float(softmax_scale))
+    strides = (0, *q.stride(), 0, *k.stride(), 0, *v.stride(), 0, *dout.stride())
+    attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), num_seqs * kv_heads)](
+        q, k, v, dout, lse, delta, self_only, dk, dv, cu_seqlens_q, cu_seqlens_k, *common, *strides,
+        0, dk.stride(0), dk.stride(1), *self_strides, IS_CAUSAL=bool(causal), HEAD_DIM=head_dim)
+    attention_bwd_dq_kernel[lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), num_seqs * heads)](
+        q, k, v, dout, lse, delta, self_only, dq, cu_seqlens_q, cu_seqlens_k, *common, *strides,
+        0, dq.stride(0), dq.stride(1), *self_strides, IS_CAUSAL=bool(causal), HEAD_DIM=head_dim)
     return dq, dk, dv
 
 
@@ -723,10 +856,10 @@ _KERNELS = {"fwd": attention_fwd_kernel, "dkdv": attention_bwd_dkdv_kernel, "dq"
             "decode": attention_decode_split_kernel}
 _FLOAT32_POINTERS = {"out_part", "lse_part", "lse", "delta"}
 _UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_dd", "stride_sm"}
-_INT_POINTERS = {"kv_lens": "*i32", "self_only": "*u8"}
+_INT_POINTERS = {"kv_lens": "*i32", "self_only": "*u8", "cu_seqlens_q": "*i32", "cu_seqlens_k": "*i32"}
 
 
-def _aot_spec(kind, dtype, head_dim):
+def _aot_spec(kind, dtype, head_dim, varlen=False):
     fn = _jit_fn(_KERNELS[kind])
     if kind == "decode":
         block_m, (block_n, num_warps, num_stages) = 16, _decode_config(head_dim)
@@ -735,6 +868,8 @@ def _aot_spec(kind, dtype, head_dim):
     constexprs = dict(IS_CAUSAL=True, HAS_KV_LENS=kind == "decode", HAS_SELF_ONLY=kind != "decode",
                       HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=block_m, BLOCK_N=block_n,
                       DOT_PRECISION="tf32")
+    if kind != "decode":
+        constexprs["VARLEN"] = varlen
     signature = {}
     for name in fn.arg_names:
         if name in constexprs:
@@ -752,7 +887,8 @@ def _aot_spec(kind, dtype, head_dim):
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
-    return {"name": f"attention_{kind}_{dtype}_d{head_dim}_m{block_m}_n{block_n}_w{num_warps}_s{num_stages}",
+    variant = "_varlen" if varlen else ""
+    return {"name": f"attention_{kind}{variant}_{dtype}_d{head_dim}_m{block_m}_n{block_n}_w{num_warps}_s{num_stages}",
             "fn": fn, "signature": signature, "constexprs": constexprs, "attrs": _jit_alignment(fn, signature),
             "num_warps": num_warps, "num_stages": num_stages}
 
@@ -775,4 +911,8 @@ def _aot_combine_spec(head_dim):
 
 AOT_SPECS = ([_aot_spec(kind, dtype, head_dim) for kind in ("fwd", "dkdv", "dq", "decode")
               for dtype, head_dim in (("fp16", 64), ("bf16", 128))]
-             + [_aot_combine_spec(128)])
+             + [_aot_combine_spec(128)]
+             # Packed sequences: the tightest variants (fewest registers to spare with VARLEN's extra scalars).
+             + [_aot_spec(kind, dtype, head_dim, varlen=True)
+                for kind, dtype, head_dim in (("fwd", "bf16", 128), ("dkdv", "fp16", 64), ("dkdv", "bf16", 128),
+                                              ("dq", "bf16", 128))])

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ..validation import FLOAT_DTYPES, expect as _expect, expect_same_device, expect_tensor, shape_of
+from ..validation import (FLOAT_DTYPES, expect as _expect, expect_cu_seqlens, expect_same_device, expect_tensor,
+                          shape_of)
 from .native import like_x
 from .reference import causal_conv1d_ref, causal_conv1d_update_ref
 
@@ -23,7 +24,7 @@ _ACTIVATIONS = (None, "silu", "swish")
 
 
 def causal_conv1d_fn(x, weight, bias=None, initial_states=None, return_final_states=False, activation=None,
-                     backend=None):
+                     backend=None, cu_seqlens=None):
     """Causal depthwise conv1d over time, differentiable with respect to x, weight, bias, initial_states.
 
     For every batch b and channel d, with xpad = initial_states[b, d] ++ x[b, d] along time (W = width):
@@ -44,15 +45,22 @@ def causal_conv1d_fn(x, weight, bias=None, initial_states=None, return_final_sta
                 of final_states is propagated too.
         activation: None, "silu" or "swish" (= silu).
         backend: "torch", "triton", "cuda", "cpu", "cuda_emu" or None (FASTSCAN_BACKEND, then by device).
+        cu_seqlens: None, or int32 (num_seqs + 1,) boundaries of sequences packed along seqlen (batch must
+                be 1): starts at 0, non-decreasing (empty sequences allowed), ends at seqlen. The window
+                never reaches across a boundary: sequence i is padded by initial_states[i] (initial_states
+                and final_states are then (num_seqs, dim, width-1)) or zeros. A CPU tensor is checked on
+                the host and moved to x's device; see fastscan.validation.expect_cu_seqlens.
 
     Returns:
         out (batch, dim, seqlen) in x's dtype and layout; with return_final_states, (out, final_states).
     """
-    x, weight, bias, initial_states, silu = _validate_fn(x, weight, bias, initial_states, activation)
+    x, weight, bias, initial_states, silu, cu_seqlens = _validate_fn(x, weight, bias, initial_states, activation,
+                                                                     cu_seqlens)
     name = backends.resolve(backend, x.device, native_symbol="fs_causal_conv1d_fwd")
     if name == "torch":  # plain autograd through the reference
-        return causal_conv1d_ref(x, weight, bias, initial_states, return_final_states, activation)
-    out, final_states = torch.ops.fastscan.causal_conv1d_fwd(x, weight, bias, initial_states, silu, name)
+        return causal_conv1d_ref(x, weight, bias, initial_states, return_final_states, activation, cu_seqlens)
+    out, final_states = torch.ops.fastscan.causal_conv1d_fwd(x, weight, bias, initial_states, silu, cu_seqlens,
+                                                             name)
     return (out, final_states) if return_final_states else out
 
 
@@ -102,7 +110,7 @@ def _validate_weight(weight, bias, dim):
     return weight.float(), bias, width
 
 
-def _validate_fn(x, weight, bias, initial_states, activation):
+def _validate_fn(x, weight, bias, initial_states, activation, cu_seqlens):
     expect_tensor("x", x)
     silu = _validate_activation(activation)
     _expect(x.dim() == 3, f"x: expected (batch, dim, seqlen), got shape {tuple(x.shape)}")
@@ -110,14 +118,21 @@ def _validate_fn(x, weight, bias, initial_states, activation):
     batch, dim, seqlen = x.shape
     _expect(batch >= 1 and dim >= 1 and seqlen >= 1, f"x: every size must be >= 1, got {tuple(x.shape)}")
     weight, bias, width = _validate_weight(weight, bias, dim)
+    states = batch
+    if cu_seqlens is not None:
+        _expect(batch == 1, f"x: packed sequences (cu_seqlens given) need batch 1, got batch {batch}")
+        cu_seqlens = expect_cu_seqlens("cu_seqlens", cu_seqlens, seqlen, x.device)
+        states = cu_seqlens.shape[0] - 1
     if initial_states is not None:
-        _expect(isinstance(initial_states, Tensor) and initial_states.shape == (batch, dim, width - 1),
-                f"initial_states: expected shape ({batch}, {dim}, {width - 1}), got {shape_of(initial_states)}")
+        what = "num_seqs" if cu_seqlens is not None else "batch"
+        _expect(isinstance(initial_states, Tensor) and initial_states.shape == (states, dim, width - 1),
+                f"initial_states: expected shape ({what}={states}, dim={dim}, width-1={width - 1}), "
+                f"got {shape_of(initial_states)}")
         _expect(initial_states.is_floating_point(),
                 f"initial_states: expected a float dtype, got {initial_states.dtype}")
         initial_states = initial_states.to(x.dtype)
     expect_same_device("x", x, weight=weight, bias=bias, initial_states=initial_states)
-    return x, weight, bias, initial_states, silu
+    return x, weight, bias, initial_states, silu, cu_seqlens
 
 
 def _validate_update(x, conv_state, weight, bias, activation):
@@ -173,50 +188,52 @@ class _NativeBound:
 
 @torch.library.custom_op("fastscan::causal_conv1d_fwd", mutates_args=())
 def _causal_conv1d_fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], initial_states: Optional[Tensor],
-                          silu: bool, backend: str) -> tuple[Tensor, Tensor]:
-    return _impl(backend).causal_conv1d_fwd(x, weight, bias, initial_states, silu)
+                          silu: bool, cu_seqlens: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
+    return _impl(backend).causal_conv1d_fwd(x, weight, bias, initial_states, silu, cu_seqlens)
+
+
+def _num_states(x, cu_seqlens):
+    return x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
 
 
 @_causal_conv1d_fwd_op.register_fake
-def _(x, weight, bias, initial_states, silu, backend):
-    batch, dim, _ = x.shape
-    return like_x(x), x.new_empty((batch, dim, weight.shape[1] - 1))
+def _(x, weight, bias, initial_states, silu, cu_seqlens, backend):
+    return like_x(x), x.new_empty((_num_states(x, cu_seqlens), x.shape[1], weight.shape[1] - 1))
 
 
 # Absent optional gradients come back as empty tensors (an op cannot return None).
 @torch.library.custom_op("fastscan::causal_conv1d_bwd", mutates_args=())
 def _causal_conv1d_bwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], initial_states: Optional[Tensor],
                           dout: Tensor, dfinal_states: Optional[Tensor], silu: bool, need_dinitial: bool,
-                          backend: str) -> list[Tensor]:
+                          cu_seqlens: Optional[Tensor], backend: str) -> list[Tensor]:
     dx, dweight, dbias, dinit = _impl(backend).causal_conv1d_bwd(x, weight, bias, initial_states, dout,
-                                                                 dfinal_states, silu, need_dinitial)
+                                                                 dfinal_states, silu, need_dinitial, cu_seqlens)
     return [dx, dweight, dbias if dbias is not None else x.new_empty((0,)),
             dinit if dinit is not None else x.new_empty((0,))]
 
 
 @_causal_conv1d_bwd_op.register_fake
-def _(x, weight, bias, initial_states, dout, dfinal_states, silu, need_dinitial, backend):
-    batch, dim, _ = x.shape
-    width = weight.shape[1]
+def _(x, weight, bias, initial_states, dout, dfinal_states, silu, need_dinitial, cu_seqlens, backend):
+    dim, width = weight.shape
     return [like_x(x), weight.new_empty((dim, width), dtype=torch.float32),
             weight.new_empty((dim,), dtype=torch.float32) if bias is not None else x.new_empty((0,)),
-            x.new_empty((batch, dim, width - 1)) if need_dinitial else x.new_empty((0,))]
+            x.new_empty((_num_states(x, cu_seqlens), dim, width - 1)) if need_dinitial else x.new_empty((0,))]
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, initial_states, silu, backend = inputs
-    ctx.save_for_backward(x, weight, bias, initial_states)
+    x, weight, bias, initial_states, silu, cu_seqlens, backend = inputs
+    ctx.save_for_backward(x, weight, bias, initial_states, cu_seqlens)
     ctx.silu, ctx.backend = silu, backend
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dfinal_states):
-    x, weight, bias, initial_states = ctx.saved_tensors
+    x, weight, bias, initial_states, cu_seqlens = ctx.saved_tensors
     dout = torch.zeros_like(x) if dout is None else _as_layout_of(dout, x)
     need_dinitial = initial_states is not None and ctx.needs_input_grad[3]
     dx, dweight, dbias, dinit = torch.ops.fastscan.causal_conv1d_bwd(
-        x, weight, bias, initial_states, dout, dfinal_states, ctx.silu, need_dinitial, ctx.backend)
-    return (dx, dweight, dbias if bias is not None else None, dinit if need_dinitial else None, None, None)
+        x, weight, bias, initial_states, dout, dfinal_states, ctx.silu, need_dinitial, cu_seqlens, ctx.backend)
+    return (dx, dweight, dbias if bias is not None else None, dinit if need_dinitial else None, None, None, None)
 
 
 torch.library.register_autograd("fastscan::causal_conv1d_fwd", _backward, setup_context=_setup_context)

@@ -2,7 +2,9 @@
 
 The ctypes structures mirror FsConv1dParams / FsConv1dBwdParams / FsConv1dUpdateParams in
 csrc/common/causal_conv1d_abi.h field by field. Inputs arrive validated by fastscan.causal_conv1d_fn
-(weight and bias float32, initial_states in x's dtype); outputs are allocated here by `like_x`.
+(weight and bias float32, initial_states in x's dtype; cu_seqlens int32 on x's device, batch 1);
+outputs are allocated here by `like_x`. With cu_seqlens the per-row states (initial, final and their
+gradients) are per sequence: (num_seqs, dim, width-1).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ class FsConv1dParams(ctypes.Structure):
         ("out", _vp), ("out_stride", _i64 * 3),
         ("final_states", _vp), ("final_states_stride", _i64 * 3),
         ("stream", _vp),
+        ("cu_seqlens", _vp), ("num_seqs", _i64),
     ]
 
 
@@ -67,7 +70,11 @@ def _arr(t, n):
     return (_i64 * n)(*(native.strides(t, n)))
 
 
-def _params(x, weight, bias, initial_states, silu, out=None, final_states=None):
+def _num_states(x, cu_seqlens):
+    return x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+
+
+def _params(x, weight, bias, initial_states, silu, cu_seqlens, out=None, final_states=None):
     batch, dim, seqlen = x.shape
     p = FsConv1dParams()
     p.batch, p.dim, p.seqlen, p.width = batch, dim, seqlen, weight.shape[1]
@@ -79,32 +86,38 @@ def _params(x, weight, bias, initial_states, silu, out=None, final_states=None):
     p.out, p.out_stride = native.ptr(out), _arr(out, 3)
     p.final_states, p.final_states_stride = native.ptr(final_states), _arr(final_states, 3)
     p.stream = native.stream_of(x)
+    if cu_seqlens is not None:
+        p.cu_seqlens, p.num_seqs = native.ptr(cu_seqlens), cu_seqlens.shape[0] - 1
     return p
 
 
-def causal_conv1d_fwd(backend, x, weight, bias, initial_states, silu):
+def causal_conv1d_fwd(backend, x, weight, bias, initial_states, silu, cu_seqlens=None):
     lib = native.library(backend)
+    cu_seqlens = cu_seqlens.contiguous() if cu_seqlens is not None else None
     bias = bias.contiguous() if bias is not None else None
-    batch, dim, _ = x.shape
+    dim = x.shape[1]
     out = like_x(x)
-    final_states = torch.empty((batch, dim, weight.shape[1] - 1), dtype=x.dtype, device=x.device)
-    p = _params(x, weight, bias, initial_states, silu, out, final_states)
+    final_states = torch.empty((_num_states(x, cu_seqlens), dim, weight.shape[1] - 1), dtype=x.dtype, device=x.device)
+    p = _params(x, weight, bias, initial_states, silu, cu_seqlens, out, final_states)
     native.call(lib, "fs_causal_conv1d_fwd", ctypes.byref(p))
     return out, final_states
 
 
-def causal_conv1d_bwd(backend, x, weight, bias, initial_states, dout, dfinal_states, silu, need_dinitial):
+def causal_conv1d_bwd(backend, x, weight, bias, initial_states, dout, dfinal_states, silu, need_dinitial,
+                      cu_seqlens=None):
     """(dx in x's layout, dweight float32, dbias float32 or None, dinitial_states or None)."""
     lib = native.library(backend)
+    cu_seqlens = cu_seqlens.contiguous() if cu_seqlens is not None else None
     bias = bias.contiguous() if bias is not None else None
-    batch, dim, _ = x.shape
+    dim = x.shape[1]
     width = weight.shape[1]
     dx = like_x(x)
     dweight = torch.empty((dim, width), dtype=torch.float32, device=x.device)
     dbias = torch.empty((dim,), dtype=torch.float32, device=x.device) if bias is not None else None
-    dinit = (torch.empty((batch, dim, width - 1), dtype=x.dtype, device=x.device) if need_dinitial else None)
+    dinit = (torch.empty((_num_states(x, cu_seqlens), dim, width - 1), dtype=x.dtype, device=x.device)
+             if need_dinitial else None)
     q = FsConv1dBwdParams()
-    q.fwd = _params(x, weight, bias, initial_states, silu)
+    q.fwd = _params(x, weight, bias, initial_states, silu, cu_seqlens)
     q.dout, q.dout_stride = native.ptr(dout), _arr(dout, 3)
     q.dfinal_states, q.dfinal_states_stride = native.ptr(dfinal_states), _arr(dfinal_states, 3)
     q.dx, q.dx_stride = native.ptr(dx), _arr(dx, 3)

@@ -13,11 +13,15 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def causal_conv1d_ref(x, weight, bias=None, initial_states=None, return_final_states=False, activation=None):
+def causal_conv1d_ref(x, weight, bias=None, initial_states=None, return_final_states=False, activation=None,
+                      cu_seqlens=None):
     """Same arguments and result as `fastscan.causal_conv1d_fn` (activation None, "silu" or "swish").
 
     Computes in float64 when x is float64, otherwise float32; out and final_states are in x's dtype.
+    With cu_seqlens (batch 1), each packed sequence runs on its own.
     """
+    if cu_seqlens is not None:
+        return _packed(x, weight, bias, initial_states, return_final_states, activation, cu_seqlens)
     dtype_out = x.dtype
     ct = _compute_dtype(x)
     batch, dim, seqlen = x.shape
@@ -50,3 +54,20 @@ def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation=None):
     conv_state.copy_(shifted)
     out = out.to(x.dtype)
     return out.squeeze(-1) if squeeze else out
+
+
+def _packed(x, weight, bias, initial_states, return_final_states, activation, cu_seqlens):
+    """The definition of the packed conv: every sequence alone, outputs concatenated along seqlen."""
+    bounds = cu_seqlens.tolist()
+    dim, width = weight.shape
+    outs, finals = [], []
+    for i, (start, end) in enumerate(zip(bounds, bounds[1:])):
+        init = initial_states[i:i + 1] if initial_states is not None else None
+        if end == start:  # an empty sequence hands its initial states through
+            finals.append(init.to(x.dtype) if init is not None else x.new_zeros((1, dim, width - 1)))
+            continue
+        out, final = causal_conv1d_ref(x[..., start:end], weight, bias, init, True, activation)
+        outs.append(out)
+        finals.append(final)
+    out = torch.cat(outs, dim=-1)
+    return (out, torch.cat(finals)) if return_final_states else out

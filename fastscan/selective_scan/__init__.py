@@ -11,13 +11,14 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ..validation import FLOAT_DTYPES, expect as _expect, expect_same_device, expect_tensor, shape_of
+from ..validation import (FLOAT_DTYPES, expect as _expect, expect_cu_seqlens, expect_same_device, expect_tensor,
+                          shape_of)
 from .reference import selective_scan_ref
 
 __all__ = ["selective_scan_fn", "selective_scan_ref"]
 
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                      return_last_state=False, initial_state=None, backend=None):
+                      return_last_state=False, initial_state=None, backend=None, cu_seqlens=None):
     """Selective scan of Mamba-1 (S6), differentiable with respect to every tensor argument.
 
     For every batch b, channel d and state n (g = d // (dim // groups)):
@@ -40,23 +41,29 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         return_last_state: also return the state after the last token.
         initial_state: (batch, dim, dstate) or None (zeros); used in float32. Gradients flow into it.
         backend: "torch", "triton", "cuda", "cpu", "cuda_emu" or None (FASTSCAN_BACKEND, then by device).
+        cu_seqlens: None, or int32 (num_seqs + 1,) boundaries of sequences packed along seqlen (batch must
+               be 1): starts at 0, non-decreasing (empty sequences allowed), ends at seqlen. The state
+               restarts at every boundary from initial_state[i] (initial_state is then (num_seqs, dim,
+               dstate)) or zero, and last_state holds one state per sequence. A CPU tensor is checked on
+               the host and moved to u's device; see fastscan.validation.expect_cu_seqlens.
 
     Returns:
         y (batch, dim, seqlen) in u's dtype, contiguous; with return_last_state, (y, last_state) where
-        last_state is (batch, dim, dstate) float32. The gradient of last_state is propagated too.
+        last_state is (batch, dim, dstate) float32 ((num_seqs, dim, dstate) with cu_seqlens). The
+        gradient of last_state is propagated too.
     """
-    u, delta, A, B, C, D, z, delta_bias, initial_state = _validate(
-        u, delta, A, B, C, D, z, delta_bias, initial_state)
+    u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens = _validate(
+        u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens)
     name = backends.resolve(backend, u.device, native_symbol="fs_selective_scan_fwd")
     if name == "torch":  # plain autograd through the reference
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-                                  initial_state)
+                                  initial_state, cu_seqlens)
     y, last_state = torch.ops.fastscan.selective_scan_fwd(
-        u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), initial_state, name)
+        u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), initial_state, cu_seqlens, name)
     return (y, last_state) if return_last_state else y
 
 
-def _validate(u, delta, A, B, C, D, z, delta_bias, initial_state):
+def _validate(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens):
     for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
         expect_tensor(name, t)
     if A.is_complex():
@@ -94,14 +101,20 @@ def _validate(u, delta, A, B, C, D, z, delta_bias, initial_state):
                     f"{name}: expected shape ({dim},), got {shape_of(t)}")
     D = D.float() if D is not None else None
     delta_bias = delta_bias.float() if delta_bias is not None else None
+    states = batch
+    if cu_seqlens is not None:
+        _expect(batch == 1, f"u: packed sequences (cu_seqlens given) need batch 1, got batch {batch}")
+        cu_seqlens = expect_cu_seqlens("cu_seqlens", cu_seqlens, seqlen, u.device)
+        states = cu_seqlens.shape[0] - 1
     if initial_state is not None:
-        _expect(isinstance(initial_state, Tensor) and initial_state.shape == (batch, dim, dstate),
-                f"initial_state: expected shape ({batch}, {dim}, {dstate}), "
+        what = "num_seqs" if cu_seqlens is not None else "batch"
+        _expect(isinstance(initial_state, Tensor) and initial_state.shape == (states, dim, dstate),
+                f"initial_state: expected shape ({what}={states}, dim={dim}, dstate={dstate}), "
                 f"got {shape_of(initial_state)}")
         initial_state = initial_state.float()
     expect_same_device("u", u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
                        initial_state=initial_state)
-    return u, delta, A, B, C, D, z, delta_bias, initial_state
+    return u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,25 +122,26 @@ def _validate(u, delta, A, B, C, D, z, delta_bias, initial_state):
 # initial_state float32. Forward returns (y contiguous in u's dtype, last_state float32).
 # ---------------------------------------------------------------------------------------------
 
-def _fwd_impl(backend, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
+def _fwd_impl(backend, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seqlens):
     if backend == "triton":
         from . import triton as triton_impl
         y, last = triton_impl.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                                  initial_state, True)
+                                                  initial_state, True, cu_seqlens)
         return y, last
     from . import native as native_impl
     return native_impl.selective_scan_fwd(backend, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                          initial_state)
+                                          initial_state, cu_seqlens)
 
 
-def _bwd_impl(backend, dy, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
+def _bwd_impl(backend, dy, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
+              cu_seqlens):
     if backend == "triton":
         from . import triton as triton_impl
         return triton_impl.selective_scan_bwd(dy, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                              initial_state)
+                                              initial_state, cu_seqlens)
     from . import native as native_impl
     return native_impl.selective_scan_bwd(backend, dy, dlast, u, delta, A, B, C, D, z, delta_bias,
-                                          delta_softplus, initial_state)
+                                          delta_softplus, initial_state, cu_seqlens)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,15 +151,20 @@ def _bwd_impl(backend, dy, dlast, u, delta, A, B, C, D, z, delta_bias, delta_sof
 @torch.library.custom_op("fastscan::selective_scan_fwd", mutates_args=())
 def _selective_scan_fwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                            z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
-                           initial_state: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
-    return _fwd_impl(backend, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+                           initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor],
+                           backend: str) -> tuple[Tensor, Tensor]:
+    return _fwd_impl(backend, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seqlens)
+
+
+def _num_states(u, cu_seqlens):
+    return u.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
 
 
 @_selective_scan_fwd_op.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, backend):
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seqlens, backend):
     batch, dim, seqlen = u.shape
     y = u.new_empty((batch, dim, seqlen))
-    last_state = u.new_empty((batch, dim, A.shape[1]), dtype=torch.float32)
+    last_state = u.new_empty((_num_states(u, cu_seqlens), dim, A.shape[1]), dtype=torch.float32)
     return y, last_state
 
 
@@ -154,43 +173,43 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, backen
 def _selective_scan_bwd_op(dy: Tensor, dlast_state: Optional[Tensor], u: Tensor, delta: Tensor, A: Tensor,
                            B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
                            delta_bias: Optional[Tensor], delta_softplus: bool, initial_state: Optional[Tensor],
-                           backend: str) -> list[Tensor]:
+                           cu_seqlens: Optional[Tensor], backend: str) -> list[Tensor]:
     grads = _bwd_impl(backend, dy, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                      initial_state)
+                      initial_state, cu_seqlens)
     dtypes = (u.dtype, u.dtype, torch.float32, B.dtype, C.dtype, torch.float32, u.dtype, torch.float32,
               torch.float32)
     return [g.to(dt) if g is not None else u.new_empty((0,)) for g, dt in zip(grads, dtypes)]
 
 
 @_selective_scan_bwd_op.register_fake
-def _(dy, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, backend):
+def _(dy, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seqlens, backend):
     batch, dim, seqlen = u.shape
     f32 = torch.float32
     return [u.new_empty(u.shape), u.new_empty(u.shape), A.new_empty(A.shape, dtype=f32), B.new_empty(B.shape),
             C.new_empty(C.shape), u.new_empty((dim,) if D is not None else (0,), dtype=f32 if D is not None else u.dtype),
             u.new_empty(u.shape if z is not None else (0,)),
             u.new_empty((dim,) if delta_bias is not None else (0,), dtype=f32 if delta_bias is not None else u.dtype),
-            u.new_empty((batch, dim, A.shape[1]) if initial_state is not None else (0,),
+            u.new_empty(initial_state.shape if initial_state is not None else (0,),
                         dtype=f32 if initial_state is not None else u.dtype)]
 
 
 def _setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, backend = inputs
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seqlens, backend = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens)
     ctx.delta_softplus, ctx.backend = delta_softplus, backend
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dy, dlast_state):
-    u, delta, A, B, C, D, z, delta_bias, initial_state = ctx.saved_tensors
+    u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(u)
     grads = torch.ops.fastscan.selective_scan_bwd(dy, dlast_state, u, delta, A, B, C, D, z, delta_bias,
-                                                  ctx.delta_softplus, initial_state, ctx.backend)
+                                                  ctx.delta_softplus, initial_state, cu_seqlens, ctx.backend)
     du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinit = grads
     present = (D, z, delta_bias, initial_state)
     dD, dz, ddelta_bias, dinit = (g if t is not None else None for g, t in zip((dD, dz, ddelta_bias, dinit), present))
-    return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, None, dinit, None
+    return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, None, dinit, None, None
 
 
 torch.library.register_autograd("fastscan::selective_scan_fwd", _backward, setup_context=_setup_context)

@@ -1,7 +1,8 @@
 """Thin calls into the compiled selective scan (csrc/selective_scan) for the cpu, cuda and cuda_emu backends.
 
 The ctypes structures mirror FsScanParams / FsScanBwdParams in csrc/common/fastscan_abi.h field by field.
-Inputs arrive validated by fastscan.selective_scan_fn (B, C grouped 4-D; D, delta_bias, initial_state float32).
+Inputs arrive validated by fastscan.selective_scan_fn (B, C grouped 4-D; D, delta_bias, initial_state float32;
+cu_seqlens int32 on u's device). With cu_seqlens (batch 1) the states are per sequence: (num_seqs, dim, dstate).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class FsScanParams(ctypes.Structure):
         ("y", _vp), ("y_stride", _i64 * 3),
         ("last_state", _fp),
         ("stream", _vp),
+        ("cu_seqlens", _vp), ("num_seqs", _i64),
     ]
 
 
@@ -49,7 +51,7 @@ def _arr(values, n):
     return (_i64 * n)(*values)
 
 
-def _params(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, y, last_state):
+def _params(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, y, last_state, cu_seqlens):
     batch, dim, seqlen = u.shape
     p = FsScanParams()
     p.batch, p.dim, p.seqlen, p.dstate, p.n_groups = batch, dim, seqlen, A.shape[1], B.shape[1]
@@ -67,6 +69,8 @@ def _params(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, 
     p.y, p.y_stride = native.ptr(y), _arr(native.strides(y, 3), 3)
     p.last_state = native.ptr(last_state)
     p.stream = native.stream_of(u)
+    p.cu_seqlens = native.ptr(cu_seqlens)
+    p.num_seqs = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else 0
     return p
 
 
@@ -75,21 +79,27 @@ def _contiguous_vectors(*tensors):
     return [t.contiguous() if t is not None else None for t in tensors]
 
 
-def selective_scan_fwd(backend, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
+def _num_states(u, cu_seqlens):
+    # Leading size of initial/last states and their gradients: per batch row, or per packed sequence.
+    return cu_seqlens.shape[0] - 1 if cu_seqlens is not None else u.shape[0]
+
+
+def selective_scan_fwd(backend, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
+                       cu_seqlens=None):
     lib = native.library(backend)
-    D, delta_bias = _contiguous_vectors(D, delta_bias)
+    D, delta_bias, cu_seqlens = _contiguous_vectors(D, delta_bias, cu_seqlens)
     batch, dim, seqlen = u.shape
     y = torch.empty((batch, dim, seqlen), dtype=u.dtype, device=u.device)
-    last_state = torch.empty((batch, dim, A.shape[1]), dtype=torch.float32, device=u.device)
-    p = _params(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, y, last_state)
+    last_state = torch.empty((_num_states(u, cu_seqlens), dim, A.shape[1]), dtype=torch.float32, device=u.device)
+    p = _params(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, y, last_state, cu_seqlens)
     native.call(lib, "fs_selective_scan_fwd", ctypes.byref(p))
     return y, last_state
 
 
 def selective_scan_bwd(backend, dy, dlast_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                       initial_state):
+                       initial_state, cu_seqlens=None):
     lib = native.library(backend)
-    D, delta_bias = _contiguous_vectors(D, delta_bias)
+    D, delta_bias, cu_seqlens = _contiguous_vectors(D, delta_bias, cu_seqlens)
     dlast_state = dlast_state.float().contiguous() if dlast_state is not None else None
     f32 = dict(dtype=torch.float32, device=u.device)
     batch, dim, seqlen = u.shape
@@ -101,10 +111,11 @@ def selective_scan_bwd(backend, dy, dlast_state, u, delta, A, B, C, D, z, delta_
     dC = torch.empty(C.shape, **f32)
     dD = torch.empty((dim,), **f32) if D is not None else None
     ddelta_bias = torch.empty((dim,), **f32) if delta_bias is not None else None
-    dinitial_state = torch.empty((batch, dim, A.shape[1]), **f32) if initial_state is not None else None
+    dinitial_state = (torch.empty((_num_states(u, cu_seqlens), dim, A.shape[1]), **f32)
+                      if initial_state is not None else None)
 
     b = FsScanBwdParams()
-    b.fwd = _params(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, None, None)
+    b.fwd = _params(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, None, None, cu_seqlens)
     b.dy, b.dy_stride = native.ptr(dy), _arr(dy.stride(), 3)
     b.dlast_state = native.ptr(dlast_state)
     b.du, b.ddelta, b.dz = native.ptr(du), native.ptr(ddelta), native.ptr(dz)

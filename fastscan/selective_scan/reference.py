@@ -15,12 +15,15 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                       return_last_state=False, initial_state=None):
+                       return_last_state=False, initial_state=None, cu_seqlens=None):
     """Same arguments and result as `fastscan.selective_scan_fn` (B, C 3-D or grouped 4-D).
 
     Computes in float64 when u is float64, otherwise float32; y is returned in u's dtype and
-    last_state in the compute dtype.
+    last_state in the compute dtype. With cu_seqlens (batch 1), each packed sequence runs on its own.
     """
+    if cu_seqlens is not None:
+        return _packed(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state,
+                       cu_seqlens)
     dtype_out = u.dtype
     ct = _compute_dtype(u)
     u, delta, A = u.to(ct), delta.to(ct), A.to(ct)
@@ -54,3 +57,24 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
         y = y * F.silu(z.to(ct))
     y = y.to(dtype_out)
     return (y, state) if return_last_state else y
+
+
+def _packed(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state, cu_seqlens):
+    """The definition of the packed scan: every sequence alone, outputs concatenated along seqlen."""
+    bounds = cu_seqlens.tolist()
+    dim, dstate = A.shape
+    ys, states = [], []
+    for i, (start, end) in enumerate(zip(bounds, bounds[1:])):
+        init = initial_state[i:i + 1] if initial_state is not None else None
+        if end == start:  # an empty sequence hands its initial state through
+            states.append(init if init is not None
+                          else u.new_zeros((1, dim, dstate), dtype=_compute_dtype(u)))
+            continue
+        piece = lambda t: t[..., start:end] if t is not None else None
+        y, last = selective_scan_ref(piece(u), piece(delta), A, piece(B), piece(C), D, piece(z), delta_bias,
+                                     delta_softplus, True, init)
+        ys.append(y)
+        states.append(last)
+    y = torch.cat(ys, dim=-1) if ys else u.new_zeros(u.shape)
+    last_state = torch.cat(states).to(_compute_dtype(u))
+    return (y, last_state) if return_last_state else y
