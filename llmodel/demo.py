@@ -2,7 +2,8 @@
 
 Synthetic data (llmodel/synthetic.py: coloured shapes) for LongLLaVA's three stages, a tokenizer for its
 words, a ~1M-parameter model of LongLLaVA's shape (CLIP-style tower -> 2x2 pooling -> MLP projector ->
-Jamba-style hybrid LM: Mamba layers, one attention layer, MoE on every other layer), then:
+Jamba-style hybrid LM: Mamba and attention layers alternating — LongLLaVA has one attention layer in 8;
+at 4 layers one in 2 learns the multi-image lookups in minutes — MoE on every other layer), then:
 
   stage I   align:  captions, projector only
   stage II  single: single-image questions (colour, shape, position), projector + LM (+ the tower at a
@@ -35,12 +36,12 @@ from .vision import VisionConfig
 
 
 def demo_config(vocab_size: int, eos_token_id: int, pad_token_id: int = 0, image_size: int = 32) -> MultimodalConfig:
-    """LongLLaVA's architecture at toy size: 32-px images, patch 8 -> 4x4 patches -> 4 tokens per image (one per quadrant)."""
+    """LongLLaVA's architecture at toy size: 32-px images, patch 4 -> 8x8 patches -> 16 tokens per image."""
     vision = VisionConfig.from_hf({"model_type": "clip_vision_model", "hidden_size": 64, "intermediate_size": 128,
                                    "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": image_size,
-                                   "patch_size": 8})
+                                   "patch_size": 4})
     lm = LMConfig(model_type="jamba", vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_layers=4,
-                  num_heads=4, num_kv_heads=2, attn_layer_period=4, attn_layer_offset=2, expert_layer_period=2,
+                  num_heads=4, num_kv_heads=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
                   expert_layer_offset=1, max_position_embeddings=8192, pad_token_id=pad_token_id, bos_token_id=None,
                   eos_token_id=eos_token_id, mamba=MambaConfig(d_state=16, d_conv=4, expand=2, dt_rank=8),
                   moe=MoEConfig(num_experts=4, top_k=2))
@@ -52,13 +53,13 @@ class DemoPlan:
     """Samples per split and steps per stage (scale multiplies the training sizes)."""
     align: int = 3000
     single: int = 6000
-    multi: int = 8000
+    multi: int = 12000
     text: int = 2000
-    held_out: int = 200
+    held_out: int = 150
     pack_len: int = 2048
-    steps: tuple = (120, 400, 700)
+    steps: tuple = (30, 900, 3000)
     vniah_sizes: tuple = (4, 8, 16, 32)
-    vniah_samples: int = 10
+    vniah_samples: int = 6
 
 
 QUICK = DemoPlan(align=40, single=60, multi=60, text=20, held_out=12, pack_len=512, steps=(3, 3, 3),
@@ -92,13 +93,13 @@ def run_demo(out: str = "runs/demo", seed: int = 0, plan: DemoPlan = DemoPlan(),
     common = dict(pack_len=plan.pack_len, seed=seed, workers=1, warmup_ratio=0.05, activation_checkpointing=False,
                   save_every=0, keep_last=1, weight_decay=0.0)
     stages = [
-        ("stage1-align", TrainConfig(stage="align", steps=plan.steps[0], projector_lr=2e-3, **common),
+        ("stage1-align", TrainConfig(stage="align", steps=plan.steps[0], projector_lr=1e-3, **common),
          [str(splits["align"])], ()),
-        ("stage2-single", TrainConfig(stage="single", steps=plan.steps[1], lr=2e-3, projector_lr=2e-3,
-                                      trainable=["projector", "lm", "vision"], vision_lr_mult=0.5, **common),
+        ("stage2-single", TrainConfig(stage="single", steps=plan.steps[1], lr=1e-3, projector_lr=1e-3,
+                                      trainable=["projector", "lm", "vision"], vision_lr_mult=1.0, **common),
          [str(splits["single"])], ()),
-        ("stage3-multi", TrainConfig(stage="multi", steps=plan.steps[2], lr=1.5e-3, projector_lr=1.5e-3,
-                                     trainable=["projector", "lm", "vision"], vision_lr_mult=0.5, **common),
+        ("stage3-multi", TrainConfig(stage="multi", steps=plan.steps[2], lr=1e-3, projector_lr=1e-3,
+                                     trainable=["projector", "lm", "vision"], vision_lr_mult=1.0, **common),
          [str(splits["multi"])], ((str(splits["single"]), 0.2), (str(splits["text"]), 0.1))),
     ]
     init, runs = None, []

@@ -417,8 +417,9 @@ def train(config: TrainConfig, data_paths: list, out: str, init: Optional[str] =
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
             if bar is not None:
+                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{max(lr):.2e}", tok_s=f"{tokens / seconds:.0f}",
+                                refresh=False)
                 bar.update(1)
-                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{max(lr):.2e}", tok_s=f"{tokens / seconds:.0f}")
         if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < total_steps:
             save_checkpoint(run, step + 1, trainee, optimizer, scheduler, d, config.keep_last, tokenizer_path)
     if bar is not None:
@@ -474,7 +475,7 @@ def main(argv=None) -> int:
                                                         "keep-last", "num-frames")} and v is not None}
     if args.activation_checkpointing:
         overrides["activation_checkpointing"] = args.activation_checkpointing == "on"
-    if args.train:
+    if args.train is not None:
         overrides["trainable"] = [s.strip() for s in args.train.split(",") if s.strip()]
     try:
         config = TrainConfig(stage=args.stage, **overrides)

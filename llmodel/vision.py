@@ -243,7 +243,11 @@ class VisionTower(nn.Module):
         self.class_embedding = nn.Parameter(torch.zeros(d)) if config.class_token else None
         self.register_tokens = (nn.Parameter(torch.zeros(config.num_register_tokens, d))
                                 if config.num_register_tokens else None)
-        self.position_embedding = nn.Parameter(torch.zeros(int(config.class_token) + config.grid ** 2, d))
+        # Random positions for a tower trained from scratch (a checkpoint overwrites them): at the patch
+        # projection's output scale (default conv init on unit-variance pixels: std 1/sqrt(3)). Zeros would
+        # leave the tower blind to where a patch is until training moved them.
+        self.position_embedding = nn.Parameter(
+            torch.randn(int(config.class_token) + config.grid ** 2, d) * 3 ** -0.5)
         self.pre_norm = nn.LayerNorm(d, eps=config.layer_norm_eps) if config.pre_norm else None
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_layers))
         self.final_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)  # every HF layout carries one

@@ -286,3 +286,38 @@ def test_plot_command_draws_the_loss_curve(corpus, tmp_path):
     from llmodel.__main__ import main
     assert main(["plot", str(tmp_path)]) == 0
     assert (tmp_path / "loss.png").stat().st_size > 1000
+
+
+def test_eval_commands_on_a_trained_run(corpus, tmp_path):
+    """`eval tasks` and `eval vniah` run end to end on a (barely) trained run and write the heatmap."""
+    pytest.importorskip("matplotlib")
+    paths, _, _ = corpus
+    run_stage(corpus, tmp_path, 2)
+    from llmodel.__main__ import main
+    assert main(["eval", "tasks", "--model", str(tmp_path), "--data", str(paths["single"]), "--limit", "3"]) == 0
+    assert main(["eval", "vniah", "--model", str(tmp_path), "--images", "2", "3", "--depths", "0", "1",
+                 "--samples", "1", "--chunk-size", "16", "--out", str(tmp_path / "vniah")]) == 0
+    result = json.loads((tmp_path / "vniah" / "vniah.json").read_text())
+    assert result["sizes"] == [2, 3] and len(result["accuracy"]) == 2 and len(result["accuracy"][0]) == 2
+    assert all(0 <= a <= 1 for row in result["accuracy"] for a in row)
+    assert (tmp_path / "vniah" / "vniah.png").stat().st_size > 1000
+
+
+def test_train_command_line_runs_a_stage_and_chains_the_next(corpus, tmp_path):
+    """`python -m llmodel train`: a first stage from a JSON config, the next from its final/ (as the demo)."""
+    from dataclasses import asdict
+
+    from llmodel.__main__ import main
+    paths, tokenizer, tokenizer_path = corpus
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps(asdict(tiny_config(tokenizer))))
+    common = ["--steps", "2", "--pack-len", "256", "--workers", "0", "--no-progress"]
+    assert main(["train", "--stage", "align", "--config", str(config_file), "--tokenizer", tokenizer_path,
+                 "--data", str(paths["align"]), "--out", str(tmp_path / "s1"), *common]) == 0
+    assert main(["train", "--stage", "multi", "--init", str(tmp_path / "s1" / "final"), "--data", str(paths["multi"]),
+                 "--replay", f"{paths['single']}:0.2", "--replay", f"{paths['text']}:0.1",
+                 "--out", str(tmp_path / "s3"), *common]) == 0
+    record = json.loads((tmp_path / "s3" / "train_config.json").read_text())
+    assert set(record["trainable"]) == {"projector", "lm"} and record["total_steps"] == 2
+    assert main(["train", "--stage", "align", "--train", "", "--init", str(tmp_path / "s1" / "final"),
+                 "--data", str(paths["align"]), "--out", str(tmp_path / "bad"), *common]) == 2
