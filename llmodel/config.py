@@ -161,7 +161,9 @@ class LMConfig:
                     "expert_layer_period": self.expert_layer_period, "expert_layer_offset": self.expert_layer_offset,
                     "num_experts": self.moe.num_experts, "num_experts_per_tok": self.moe.top_k,
                     "mamba_d_state": m.d_state, "mamba_d_conv": m.d_conv, "mamba_expand": m.expand,
-                    "mamba_dt_rank": m.dt_rank, "mamba_conv_bias": m.conv_bias, "mamba_proj_bias": m.proj_bias}
+                    "mamba_dt_rank": m.dt_rank, "mamba_conv_bias": m.conv_bias, "mamba_proj_bias": m.proj_bias,
+                    # Jamba has no positional encoding; a RoPE variant keeps its theta (HF's Jamba ignores it)
+                    **({"rope_theta": self.rope_theta} if self.rope_theta is not None else {})}
         rope = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling_factor != 1.0:
             rope = {"rope_type": "linear", "rope_theta": self.rope_theta, "factor": self.rope_scaling_factor}
@@ -208,7 +210,7 @@ def _from_jamba(hf: dict) -> LMConfig:
                     attn_layer_period=hf.get("attn_layer_period", 8), attn_layer_offset=hf.get("attn_layer_offset", 4),
                     expert_layer_period=hf.get("expert_layer_period", 2),
                     expert_layer_offset=hf.get("expert_layer_offset", 1),
-                    rope_theta=None, max_position_embeddings=hf.get("max_position_embeddings", 262144),
+                    rope_theta=hf.get("rope_theta"), max_position_embeddings=hf.get("max_position_embeddings", 262144),
                     mamba=mamba, moe=moe, **_token_ids(hf, 0, 1, 2))
 
 

@@ -230,3 +230,14 @@ def test_mamba_ssm_original_layout(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="Mamba2"):
         load_lm(tmp_path)
+
+
+def test_jamba_config_keeps_rope_theta_through_hf_round_trip():
+    """Jamba has no RoPE; a variant that adds it must not lose it on save/reload (HF ignores the key)."""
+    from llmodel.config import LMConfig, MambaConfig, MoEConfig
+
+    config = LMConfig(model_type="jamba", vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2,
+                      num_heads=2, num_kv_heads=1, attn_layer_period=2, attn_layer_offset=1, rope_theta=5000.0,
+                      mamba=MambaConfig(d_state=4, d_conv=4, expand=2, dt_rank=2), moe=MoEConfig(num_experts=2, top_k=1))
+    assert LMConfig.from_hf(config.to_hf()).rope_theta == 5000.0
+    assert LMConfig.from_hf({**config.to_hf(), "rope_theta": None}).rope_theta is None
