@@ -228,7 +228,7 @@ def shard(trainee: Trainee, world: int) -> None:
 
 # ---------------------------------------------------------------- checkpoints
 
-def _state_dicts(trainee: Trainee, optimizer, world: int):
+def _state_dicts(trainee: Trainee, optimizer):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -257,7 +257,7 @@ def save_checkpoint(run: Path, step: int, trainee: Trainee, optimizer, scheduler
     replaced and checkpoints beyond keep_last are removed (oldest first)."""
     root = run / "checkpoints"
     final, tmp = root / f"step-{step:07d}", root / f".tmp-step-{step:07d}"
-    model_sd, optim_sd = _state_dicts(trainee, optimizer, d.world)  # collective: every rank takes part
+    model_sd, optim_sd = _state_dicts(trainee, optimizer)  # collective: every rank takes part
     if d.main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -449,6 +449,13 @@ def _replay(value: str) -> tuple:
         raise argparse.ArgumentTypeError(f"--replay: expected PATH:SHARE (e.g. single.jsonl:0.2), got {value!r}")
 
 
+# TrainConfig fields settable from the command line (flag name -> field name with "_").
+_NUMERIC_FLAGS = (("lr", float), ("projector-lr", float), ("vision-lr-mult", float), ("weight-decay", float),
+                  ("warmup-ratio", float), ("max-grad-norm", float), ("pack-len", int), ("accumulation", int),
+                  ("steps", int), ("epochs", float), ("seed", int), ("workers", int), ("save-every", int),
+                  ("keep-last", int), ("num-frames", int))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m llmodel train", description=__doc__.split("\n\n")[0])
     p.add_argument("--stage", choices=sorted(STAGES), required=True)
@@ -460,19 +467,13 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer", help="tokenizer.json (default: the one in --init)")
     p.add_argument("--train", help="freeze policy override: comma-separated parts among vision,projector,lm")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
-    for name, kind in (("lr", float), ("projector-lr", float), ("vision-lr-mult", float), ("weight-decay", float),
-                       ("warmup-ratio", float), ("max-grad-norm", float), ("pack-len", int), ("accumulation", int),
-                       ("steps", int), ("epochs", float), ("seed", int), ("workers", int), ("save-every", int),
-                       ("keep-last", int), ("num-frames", int)):
+    for name, kind in _NUMERIC_FLAGS:
         p.add_argument(f"--{name}", type=kind)
     p.add_argument("--activation-checkpointing", choices=["on", "off"])
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    overrides = {k.replace("-", "_"): v for k, v in vars(args).items()
-                 if k in {f.replace("-", "_") for f in ("lr", "projector-lr", "vision-lr-mult", "weight-decay",
-                                                        "warmup-ratio", "max-grad-norm", "pack-len", "accumulation",
-                                                        "steps", "epochs", "seed", "workers", "save-every",
-                                                        "keep-last", "num-frames")} and v is not None}
+    overrides = {name.replace("-", "_"): getattr(args, name.replace("-", "_")) for name, _ in _NUMERIC_FLAGS}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.activation_checkpointing:
         overrides["activation_checkpointing"] = args.activation_checkpointing == "on"
     if args.train is not None:
