@@ -28,6 +28,11 @@ class MambaConfig:
     conv_bias: bool = True
     proj_bias: bool = False                # bias of in_proj and out_proj
     inner_layernorms: bool = True          # Jamba's RMSNorm on dt, B, C; False for plain Mamba
+    # Initialisation only (training from scratch; loaded weights replace it): dt starts log-uniform in
+    # [dt_min, dt_max], at least dt_init_floor — Mamba's defaults (HF Mamba: time_step_min/max/floor).
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
 
 
 @dataclass
@@ -152,6 +157,7 @@ class LMConfig:
         if self.model_type == "mamba":
             return {**base, "state_size": m.d_state, "expand": m.expand, "conv_kernel": m.d_conv,
                     "time_step_rank": m.dt_rank, "use_bias": m.proj_bias, "use_conv_bias": m.conv_bias,
+                    "time_step_min": m.dt_min, "time_step_max": m.dt_max, "time_step_floor": m.dt_init_floor,
                     "layer_norm_epsilon": self.rms_norm_eps, "intermediate_size": self.d_inner}
         base.update({"intermediate_size": self.intermediate_size, "num_attention_heads": self.num_heads,
                      "num_key_value_heads": self.num_kv_heads, "rms_norm_eps": self.rms_norm_eps,
@@ -162,6 +168,8 @@ class LMConfig:
                     "num_experts": self.moe.num_experts, "num_experts_per_tok": self.moe.top_k,
                     "mamba_d_state": m.d_state, "mamba_d_conv": m.d_conv, "mamba_expand": m.expand,
                     "mamba_dt_rank": m.dt_rank, "mamba_conv_bias": m.conv_bias, "mamba_proj_bias": m.proj_bias,
+                    # the dt initialisation range (HF's Jamba ignores these keys; our save/reload keeps them)
+                    "mamba_dt_min": m.dt_min, "mamba_dt_max": m.dt_max, "mamba_dt_init_floor": m.dt_init_floor,
                     # Jamba has no positional encoding; a RoPE variant keeps its theta (HF's Jamba ignores it)
                     **({"rope_theta": self.rope_theta} if self.rope_theta is not None else {})}
         rope = {"rope_type": "default", "rope_theta": self.rope_theta}
@@ -199,7 +207,8 @@ def _from_jamba(hf: dict) -> LMConfig:
     mamba = MambaConfig(d_state=hf.get("mamba_d_state", 16), d_conv=hf.get("mamba_d_conv", 4),
                         expand=hf.get("mamba_expand", 2), dt_rank=_dt_rank(hf.get("mamba_dt_rank"), hidden),
                         conv_bias=hf.get("mamba_conv_bias", True), proj_bias=hf.get("mamba_proj_bias", False),
-                        inner_layernorms=True)
+                        inner_layernorms=True, dt_min=hf.get("mamba_dt_min", 0.001), dt_max=hf.get("mamba_dt_max", 0.1),
+                        dt_init_floor=hf.get("mamba_dt_init_floor", 1e-4))
     moe = MoEConfig(num_experts=hf.get("num_experts", hf.get("num_local_experts", 16)),
                     top_k=hf.get("num_experts_per_tok", 2), renormalize=False)
     return LMConfig(model_type="jamba", vocab_size=hf.get("vocab_size", 65536), hidden_size=hidden,
@@ -218,7 +227,9 @@ def _from_mamba(hf: dict) -> LMConfig:
     hidden = hf.get("hidden_size", 768)
     mamba = MambaConfig(d_state=hf.get("state_size", 16), d_conv=hf.get("conv_kernel", 4), expand=hf.get("expand", 2),
                         dt_rank=_dt_rank(hf.get("time_step_rank"), hidden), conv_bias=hf.get("use_conv_bias", True),
-                        proj_bias=hf.get("use_bias", False), inner_layernorms=False)
+                        proj_bias=hf.get("use_bias", False), inner_layernorms=False,
+                        dt_min=hf.get("time_step_min", 0.001), dt_max=hf.get("time_step_max", 0.1),
+                        dt_init_floor=hf.get("time_step_floor", 1e-4))
     return LMConfig(model_type="mamba", vocab_size=hf.get("vocab_size", 50280), hidden_size=hidden,
                     intermediate_size=0, num_layers=hf.get("num_hidden_layers", 32), num_heads=1, num_kv_heads=1,
                     rms_norm_eps=hf.get("layer_norm_epsilon", 1e-5),

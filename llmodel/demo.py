@@ -36,10 +36,13 @@ from .vision import VisionConfig
 
 
 def demo_config(vocab_size: int, eos_token_id: int, pad_token_id: int = 0, image_size: int = 32) -> MultimodalConfig:
-    """LongLLaVA's architecture at toy size: 32-px images, patch 4 -> 8x8 patches -> 16 tokens per image."""
+    """LongLLaVA's architecture at toy size: 32-px images, patch 8 -> 4x4 patches -> 2x2 pooling -> 4 tokens per
+    image (each covers a quadrant, as each of LongLLaVA's 144 covers 28 px). At patch 4 (16 tokens per image)
+    every task but "which" learned as well, and "which" far slower: the image's number ("Image k:") has to
+    be carried by the Mamba state across all of the image's rows before attention can read it off."""
     vision = VisionConfig.from_hf({"model_type": "clip_vision_model", "hidden_size": 64, "intermediate_size": 128,
                                    "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": image_size,
-                                   "patch_size": 4})
+                                   "patch_size": 8})
     lm = LMConfig(model_type="jamba", vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_layers=4,
                   num_heads=4, num_kv_heads=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
                   expert_layer_offset=1, max_position_embeddings=8192, pad_token_id=pad_token_id, bos_token_id=None,

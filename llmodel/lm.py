@@ -11,6 +11,7 @@ each boundary and attention is block-diagonal (fastscan's cu_seqlens ops), RoPE 
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -122,14 +123,34 @@ class MambaMixer(nn.Module):
         self.conv1d = nn.Conv1d(d_inner, d_inner, m.d_conv, groups=d_inner, bias=m.conv_bias)
         self.x_proj = nn.Linear(d_inner, m.dt_rank + 2 * m.d_state, bias=False)
         self.dt_proj = nn.Linear(m.dt_rank, d_inner, bias=True)
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, m.d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
-        self.D = nn.Parameter(torch.ones(d_inner))
+        self.A_log = nn.Parameter(torch.empty(d_inner, m.d_state))
+        self.D = nn.Parameter(torch.empty(d_inner))
         self.out_proj = nn.Linear(d_inner, config.hidden_size, bias=m.proj_bias)
         if m.inner_layernorms:
             self.dt_layernorm = RMSNorm(m.dt_rank, config.rms_norm_eps)
             self.b_layernorm = RMSNorm(m.d_state, config.rms_norm_eps)
             self.c_layernorm = RMSNorm(m.d_state, config.rms_norm_eps)
         self.inner_layernorms = m.inner_layernorms
+        self.reset_ssm_parameters(m.dt_min, m.dt_max, m.dt_init_floor)
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self, dt_min: float, dt_max: float, dt_init_floor: float) -> None:
+        """Mamba's initialisation of the SSM, for training from scratch: A = -(1..d_state) in every channel
+        (S4D-real), D = 1, and the dt bias set to softplus^-1 of a step drawn log-uniformly in [dt_min,
+        dt_max] per channel, so the state starts out remembering ~1/dt tokens (10..1000). nn.Linear's
+        default bias would start every dt near softplus(0) = 0.7: a memory of a token or two, which the
+        multi-image lookups ("which image has X") could not learn their way out of."""
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"dt_min, dt_max: expected 0 < dt_min <= dt_max, got {dt_min}, {dt_max}")
+        d_inner, d_state = self.A_log.shape
+        device = self.A_log.device  # explicit: a meta-device context may be active while loading
+        self.A_log.copy_(torch.arange(1, d_state + 1, dtype=torch.float32, device=device).log().expand(d_inner, d_state))
+        self.D.fill_(1.0)
+        bound = self.dt_rank ** -0.5
+        nn.init.uniform_(self.dt_proj.weight, -bound, bound)
+        log_dt = torch.rand(d_inner, device=device) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        dt = torch.exp(log_dt).clamp(min=dt_init_floor)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(bias) == dt
 
     def _ssm_params(self, x: Tensor):
         """x (b, l, d_inner) after the conv -> dt (b, l, d_inner) without bias, B and C (b, l, d_state)."""

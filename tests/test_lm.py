@@ -241,3 +241,33 @@ def test_jamba_config_keeps_rope_theta_through_hf_round_trip():
                       mamba=MambaConfig(d_state=4, d_conv=4, expand=2, dt_rank=2), moe=MoEConfig(num_experts=2, top_k=1))
     assert LMConfig.from_hf(config.to_hf()).rope_theta == 5000.0
     assert LMConfig.from_hf({**config.to_hf(), "rope_theta": None}).rope_theta is None
+
+
+@pytest.mark.parametrize("model_type", ["jamba", "mamba"])
+def test_mamba_init_gives_long_memory_and_its_range_survives_save(model_type):
+    """Training from scratch needs Mamba's dt initialisation: softplus(dt bias) log-uniform in [dt_min,
+    dt_max] (nn.Linear's default bias would put every dt near 0.7: a state that forgets within two tokens).
+    The range is part of the config, so a saved config rebuilds the same initialisation."""
+    import math
+
+    import torch.nn.functional as F
+
+    from llmodel.config import LMConfig, MambaConfig
+    from llmodel.lm import MambaMixer
+
+    config = LMConfig(model_type=model_type, vocab_size=32, hidden_size=32, intermediate_size=32, num_layers=2,
+                      num_heads=2, num_kv_heads=1, attn_layer_period=2 if model_type == "jamba" else None,
+                      attn_layer_offset=1 if model_type == "jamba" else 0,
+                      mamba=MambaConfig(d_state=4, d_conv=4, expand=4, dt_rank=2, dt_min=0.002, dt_max=0.05,
+                                        inner_layernorms=model_type == "jamba"))
+    assert LMConfig.from_hf(config.to_hf()).mamba == config.mamba
+    torch.manual_seed(0)
+    mixer = MambaMixer(config)
+    dt = F.softplus(mixer.dt_proj.bias.detach())
+    assert dt.min() >= 0.002 * (1 - 1e-4) and dt.max() <= 0.05 * (1 + 1e-4)
+    # log-uniform: the median step sits near the geometric mean of the range, not at either end
+    assert 0.5 < dt.median() / math.sqrt(0.002 * 0.05) < 2
+    assert torch.equal(mixer.A_log[0].exp(), torch.arange(1, 5, dtype=torch.float32))
+    assert torch.equal(mixer.D.detach(), torch.ones(128))
+    with pytest.raises(ValueError, match="dt_min, dt_max"):
+        mixer.reset_ssm_parameters(0.1, 0.01, 1e-4)
