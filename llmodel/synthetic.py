@@ -17,6 +17,8 @@ Stages and tasks (chance = the accuracy of guessing uniformly among the possible
           position  "Where is the shape?" -> "top left"                               1/4
           (1-3 of these as turns of one conversation, in random order)
   multi   which     "Which image has a red circle?" -> "3" (exactly one image matches)  1/N
+                    (then 0-2 follow-up turns asking the same of other images whose colour
+                    and shape are unique among the N)
           count     "How many images have a blue shape?" -> "2" (uniform over 0..N)    1/(N+1)
           order     "Which comes first, the red circle or the blue square?"
                     -> "the red circle" (each combination present exactly once)        1/2
@@ -311,6 +313,12 @@ def _multi(rng, writer, sample_id, task, num_images, numbered=True):
         items = [_random_item(rng, exclude=[target]) for _ in range(num_images)]
         items[where] = (*target, rng.choice(POSITIONS))
         question, answer = Q_WHICH.format(colour=target[0], shape=target[1]), str(where + 1)
+        # 0-2 follow-up turns about other images whose colour + shape is unique in the set: the images'
+        # tokens (most of a record) are then paid for once per 1-3 trained answers, as in multi-turn SFT data
+        combos = [item[:2] for item in items]
+        unique = [j for j, c in enumerate(combos) if j != where and combos.count(c) == 1]
+        follow = rng.sample(unique, min(rng.randint(0, 2), len(unique)))
+        extra = [(Q_WHICH.format(colour=items[j][0], shape=items[j][1]), str(j + 1)) for j in follow]
     elif task == "count":
         colour = rng.choice(tuple(COLOURS))
         count = rng.randint(0, num_images)
@@ -334,7 +342,8 @@ def _multi(rng, writer, sample_id, task, num_images, numbered=True):
     else:
         raise ValueError(f"task: got {task!r}, expected one of {MULTI_TASKS}")
     paths, meta = writer.images(sample_id, items)
-    return _record(sample_id, paths, meta, [(_prompt(num_images, question, numbered), answer)], [task])
+    pairs = [(_prompt(num_images, question, numbered), answer), *(extra if task == "which" else ())]
+    return _record(sample_id, paths, meta, pairs, [task] * len(pairs))
 
 
 def _text(rng, writer, sample_id, max_images):
@@ -362,13 +371,28 @@ def read_jsonl(path: Union[str, os.PathLike]) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _task_list(num_samples: int, task_shares: Optional[dict]) -> list[str]:
+    if task_shares is None:
+        return [MULTI_TASKS[i % len(MULTI_TASKS)] for i in range(num_samples)]
+    unknown = sorted(set(task_shares) - set(MULTI_TASKS))
+    if unknown or any(v < 0 for v in task_shares.values()) or not math.isclose(sum(task_shares.values()), 1.0):
+        raise ValueError(f"task_shares: expected non-negative shares of {MULTI_TASKS} summing to 1, got {task_shares}")
+    tasks = []
+    for task in MULTI_TASKS[:-1]:
+        tasks += [task] * round(task_shares.get(task, 0.0) * num_samples)
+    tasks = tasks[:num_samples]
+    return tasks + [MULTI_TASKS[-1]] * (num_samples - len(tasks))
+
+
 def make_split(out_dir: Union[str, os.PathLike], stage: str, num_samples: int, seed: int,
-               image_size: int = 32, max_images: int = 8, numbered: bool = True) -> Path:
+               image_size: int = 32, max_images: int = 8, numbered: bool = True,
+               task_shares: Optional[dict] = None) -> Path:
     """Write `num_samples` records of `stage` ("align", "single", "multi", "text"; see the module docstring)
     to out_dir/data.jsonl (returned) and their PNGs to out_dir/images/. Image paths in the records are
     relative to out_dir. Deterministic given (stage, seed); use different seeds for train and held-out.
     `numbered` (multi only): "Image k: <image>" lines (default; "which" answers are these numbers) or bare
-    "<image>" lines."""
+    "<image>" lines. `task_shares` (multi only): {task: share} over MULTI_TASKS (None: equal shares); each
+    task gets round(share * num_samples) records (the last task the remainder), shuffled."""
     if stage not in STAGES:
         raise ValueError(f"stage: got {stage!r}, expected one of {STAGES}")
     if num_samples < 0:
@@ -381,7 +405,7 @@ def make_split(out_dir: Union[str, os.PathLike], stage: str, num_samples: int, s
     writer = _Writer(out_dir, image_size, rng) if stage != "text" else None
     records = []
     if stage == "multi":
-        tasks = [MULTI_TASKS[i % len(MULTI_TASKS)] for i in range(num_samples)]
+        tasks = _task_list(num_samples, task_shares)
         rng.shuffle(tasks)
         which_seen = 0
         for i, task in enumerate(tasks):

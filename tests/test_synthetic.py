@@ -116,16 +116,26 @@ def test_multi_answers(splits):
     tasks = [r["task"] for r in records]
     assert {t: tasks.count(t) for t in syn.MULTI_TASKS} == {"which": 8, "count": 8, "order": 8, "find": 8}
     which_sizes, find_where = [], set()
+    follow_ups = 0
     for r in records:
-        (q, a), = _pairs(r)
+        pairs = _pairs(r)
+        (q, a) = pairs[0]
         meta, n = r["meta"], len(r["meta"])
         assert 2 <= n <= 8 and all(m["shape"] in syn.SHAPES for m in meta)
+        assert r["tasks"] == [r["task"]] * len(pairs)
+        assert len(pairs) == 1 or r["task"] == "which" and len(pairs) <= 3
         question = _check_numbered(q, n)
         combos = [(m["colour"], m["shape"]) for m in meta]
         if r["task"] == "which":
-            colour, shape = re.fullmatch(r"Which image has a (\w+) (\w+)\?", question).groups()
-            matches = [i for i, c in enumerate(combos) if c == (colour, shape)]
-            assert len(matches) == 1 and a == str(matches[0] + 1)
+            asked = []
+            for turn, (q, a) in enumerate(pairs):  # follow-ups: the same question, other unique images
+                text = question if turn == 0 else q
+                colour, shape = re.fullmatch(r"Which image has a (\w+) (\w+)\?", text).groups()
+                matches = [i for i, c in enumerate(combos) if c == (colour, shape)]
+                assert len(matches) == 1 and a == str(matches[0] + 1)
+                asked.append(matches[0])
+            assert len(set(asked)) == len(asked)
+            follow_ups += len(pairs) - 1
             which_sizes.append(n)
         elif r["task"] == "find":
             find_where.add(_check_find(question, meta, a))
@@ -140,6 +150,7 @@ def test_multi_answers(splits):
             assert all(len(v) == 1 for v in index.values())
             assert a == "the " + min((x, y), key=lambda name: index[name][0])
     assert sum(n == 8 for n in which_sizes) * 2 >= len(which_sizes)
+    assert follow_ups > 0
     assert len(find_where) > 1      # the target image is not always at the same index
 
 
@@ -148,10 +159,21 @@ def test_multi_unnumbered(tmp_path):
     records = syn.read_jsonl(path)
     assert {r["task"] for r in records} == set(syn.MULTI_TASKS)
     for r in records:
-        (q, a), = _pairs(r)
+        (q, a) = _pairs(r)[0]
         question = _check_unnumbered(q, len(r["image"]))
         if r["task"] == "find":
             _check_find(question, r["meta"], a)
+
+
+def test_multi_task_shares(tmp_path):
+    shares = {"which": 0.5, "count": 0.1, "order": 0.2, "find": 0.2}
+    records = syn.read_jsonl(syn.make_split(tmp_path / "a", "multi", 20, seed=1, max_images=4, task_shares=shares))
+    counts = {t: sum(r["task"] == t for r in records) for t in syn.MULTI_TASKS}
+    assert counts == {"which": 10, "count": 2, "order": 4, "find": 4}
+    assert [r["task"] for r in records[:10]] != ["which"] * 10   # shuffled, not in blocks
+    for bad in ({"which": 0.5, "count": 0.4}, {"which": 1.2, "count": -0.2}, {"which": 0.5, "colour": 0.5}):
+        with pytest.raises(ValueError, match="task_shares"):
+            syn.make_split(tmp_path / "b", "multi", 4, seed=1, task_shares=bad)
 
 
 def test_text_answers(splits):

@@ -321,3 +321,24 @@ def test_train_command_line_runs_a_stage_and_chains_the_next(corpus, tmp_path):
     assert set(record["trainable"]) == {"projector", "lm"} and record["total_steps"] == 2
     assert main(["train", "--stage", "align", "--train", "", "--init", str(tmp_path / "s1" / "final"),
                  "--data", str(paths["align"]), "--out", str(tmp_path / "bad"), *common]) == 2
+
+
+def test_demo_pipeline_end_to_end(tmp_path):
+    """`python -m llmodel demo --quick`: the same pipeline as the full demo (data, three chained stages with
+    replay, evaluation per task, which-among-8, V-NIAH, plots), seconds long. Accuracy is not asserted (3
+    steps per stage); what is: every task is scored against its chance, and every promised file exists."""
+    from llmodel.demo import QUICK, run_demo
+
+    report = run_demo(str(tmp_path / "demo"), plan=QUICK, progress=False)
+    accuracy = report["accuracy"]
+    assert set(accuracy) == {"colour", "shape", "position", *synthetic.MULTI_TASKS, "which@8"}
+    assert accuracy["which@8"]["total"] >= QUICK.which8
+    assert accuracy["which@8"]["chance"] == pytest.approx(1 / 8)
+    for task, result in accuracy.items():
+        assert result["total"] > 0 and 0 <= result["correct"] <= result["total"], task
+    assert len(report["vniah"]["accuracy"]) == len(QUICK.vniah_sizes)
+    for name in ("report.json", "loss.png", "vniah.png", "stage3-multi/final/model.safetensors",
+                 "stage1-align/metrics.jsonl", "stage2-single/metrics.jsonl", "stage3-multi/metrics.jsonl"):
+        assert (tmp_path / "demo" / name).is_file(), name
+    stage3 = json.loads((tmp_path / "demo" / "stage3-multi" / "train_config.json").read_text())
+    assert stage3["config"]["steps"] == QUICK.steps[2] and stage3["config"]["stage"] == "multi"
