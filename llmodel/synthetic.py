@@ -24,7 +24,8 @@ Stages and tasks (chance = the accuracy of guessing uniformly among the possible
                     -> "the red circle" (each combination present exactly once)        1/2
           find      "What colour is the triangle?" -> "green" (exactly one image has
                     that shape; the others use the other three shapes)                1/6
-          (the four tasks in equal shares; N = 2..max_images images, numbered
+          (the four tasks in equal shares unless make_split's task_shares says otherwise;
+          N = 2..max_images images, numbered
           "Image 1: <image>\\nImage 2: <image>\\n..." by default, or with numbered=False just
           "<image>\\n" per image; at least half of the "which" samples use max_images images)
   text    text      text-only replay: "Repeat: blue square top left" -> "blue square top left",
@@ -307,6 +308,7 @@ def _single(rng, writer, sample_id, max_images):
 
 
 def _multi(rng, writer, sample_id, task, num_images, numbered=True):
+    extra = []                      # follow-up (question, answer) turns over the same images
     if task == "which":
         target = (rng.choice(tuple(COLOURS)), rng.choice(SHAPES))
         where = rng.randrange(num_images)
@@ -342,7 +344,7 @@ def _multi(rng, writer, sample_id, task, num_images, numbered=True):
     else:
         raise ValueError(f"task: got {task!r}, expected one of {MULTI_TASKS}")
     paths, meta = writer.images(sample_id, items)
-    pairs = [(_prompt(num_images, question, numbered), answer), *(extra if task == "which" else ())]
+    pairs = [(_prompt(num_images, question, numbered), answer), *extra]
     return _record(sample_id, paths, meta, pairs, [task] * len(pairs))
 
 
