@@ -170,6 +170,8 @@ class LMConfig:
                     "mamba_dt_rank": m.dt_rank, "mamba_conv_bias": m.conv_bias, "mamba_proj_bias": m.proj_bias,
                     # the dt initialisation range (HF's Jamba ignores these keys; our save/reload keeps them)
                     "mamba_dt_min": m.dt_min, "mamba_dt_max": m.dt_max, "mamba_dt_init_floor": m.dt_init_floor,
+                    # HF's Jamba derives hidden_size // num_attention_heads; ours may differ, so it is kept
+                    "head_dim": self.head_dim,
                     # Jamba has no positional encoding; a RoPE variant keeps its theta (HF's Jamba ignores it)
                     **({"rope_theta": self.rope_theta} if self.rope_theta is not None else {})}
         rope = {"rope_type": "default", "rope_theta": self.rope_theta}

@@ -383,7 +383,7 @@ def train(config: TrainConfig, data_paths: list, out: str, init: Optional[str] =
     it = iter(packs)
     trainee.train()
     for step in range(start, total_steps):
-        t0, loss_sum, tokens = time.perf_counter(), torch.zeros((), dtype=torch.float64), 0
+        t0, loss_sum, tokens = time.perf_counter(), torch.zeros((), dtype=torch.float64, device=d.device), 0
         for micro in range(config.accumulation):
             pack = next(it)
             if d.world > 1:  # reduce-scatter gradients once per step, after the last micro-step
@@ -404,7 +404,7 @@ def train(config: TrainConfig, data_paths: list, out: str, init: Optional[str] =
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if d.world > 1:
-            stats = torch.stack([loss_sum, torch.tensor(float(tokens), dtype=torch.float64)]).to(d.device)
+            stats = torch.stack([loss_sum, torch.tensor(float(tokens), dtype=torch.float64, device=d.device)])
             dist.all_reduce(stats)
             loss_sum, tokens = stats[0].cpu(), int(stats[1])
         step_loss = float(loss_sum) / max(pack.step_targets, 1)

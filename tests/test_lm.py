@@ -1,5 +1,6 @@
 """llmodel's decoder against Hugging Face's own modules: tiny random HF models, saved with save_pretrained,
 loaded with llmodel.load_lm, must give the same logits (fp32, relative error norm <= 1e-4)."""
+import dataclasses
 import json
 import os
 
@@ -95,6 +96,9 @@ def test_config_round_trip_through_hf_dict():
     for name in ("longllava-9b", "longllava-a13b"):
         cfg = named_config(name)
         assert LMConfig.from_hf(cfg.to_hf()) == cfg
+    # a head width other than hidden_size // num_heads survives too (the saved attention weights need it)
+    wide = dataclasses.replace(named_config("longllava-a13b"), num_heads=64, num_kv_heads=16, head_dim=128)
+    assert LMConfig.from_hf(wide.to_hf()) == wide
 
 
 def test_moe_routes_only_chosen_tokens():
