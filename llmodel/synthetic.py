@@ -17,8 +17,9 @@ Stages and tasks (chance = the accuracy of guessing uniformly among the possible
           position  "Where is the shape?" -> "top left"                               1/4
           (1-3 of these as turns of one conversation, in random order)
   multi   which     "Which image has a red circle?" -> "3" (exactly one image matches)  1/N
-                    (then 0-2 follow-up turns asking the same of other images whose colour
-                    and shape are unique among the N)
+                    (then follow-up turns, 0-2 unless make_split's which_follow_ups says
+                    otherwise, asking the same of other images whose colour and shape are
+                    unique among the N)
           count     "How many images have a blue shape?" -> "2" (uniform over 0..N)    1/(N+1)
           order     "Which comes first, the red circle or the blue square?"
                     -> "the red circle" (each combination present exactly once)        1/2
@@ -27,7 +28,8 @@ Stages and tasks (chance = the accuracy of guessing uniformly among the possible
           (the four tasks in equal shares unless make_split's task_shares says otherwise;
           N = 2..max_images images, numbered
           "Image 1: <image>\\nImage 2: <image>\\n..." by default, or with numbered=False just
-          "<image>\\n" per image; at least half of the "which" samples use max_images images)
+          "<image>\\n" per image; make_split's which_max_share of the "which" samples (default
+          half) use max_images images)
   text    text      text-only replay: "Repeat: blue square top left" -> "blue square top left",
                     "Count the words: red blue green" -> "3"                          ~0
   V-NIAH  vniah     the "find" task at long context: N - 1 haystack images plus one needle, the only
@@ -307,7 +309,7 @@ def _single(rng, writer, sample_id, max_images):
     return _record(sample_id, paths, meta, pairs, tasks)
 
 
-def _multi(rng, writer, sample_id, task, num_images, numbered=True):
+def _multi(rng, writer, sample_id, task, num_images, numbered=True, follow_ups=(0, 2)):
     extra = []                      # follow-up (question, answer) turns over the same images
     if task == "which":
         target = (rng.choice(tuple(COLOURS)), rng.choice(SHAPES))
@@ -315,11 +317,12 @@ def _multi(rng, writer, sample_id, task, num_images, numbered=True):
         items = [_random_item(rng, exclude=[target]) for _ in range(num_images)]
         items[where] = (*target, rng.choice(POSITIONS))
         question, answer = Q_WHICH.format(colour=target[0], shape=target[1]), str(where + 1)
-        # 0-2 follow-up turns about other images whose colour + shape is unique in the set: the images'
-        # tokens (most of a record) are then paid for once per 1-3 trained answers, as in multi-turn SFT data
+        # follow-up turns (0-2 by default) about other images whose colour + shape is unique in the set: the
+        # images' tokens (most of a record) are then paid for once per several trained answers, as in
+        # multi-turn SFT data
         combos = [item[:2] for item in items]
         unique = [j for j, c in enumerate(combos) if j != where and combos.count(c) == 1]
-        follow = rng.sample(unique, min(rng.randint(0, 2), len(unique)))
+        follow = rng.sample(unique, min(rng.randint(*follow_ups), len(unique)))
         extra = [(Q_WHICH.format(colour=items[j][0], shape=items[j][1]), str(j + 1)) for j in follow]
     elif task == "count":
         colour = rng.choice(tuple(COLOURS))
@@ -388,17 +391,27 @@ def _task_list(num_samples: int, task_shares: Optional[dict]) -> list[str]:
 
 def make_split(out_dir: Union[str, os.PathLike], stage: str, num_samples: int, seed: int,
                image_size: int = 32, max_images: int = 8, numbered: bool = True,
-               task_shares: Optional[dict] = None) -> Path:
+               task_shares: Optional[dict] = None, which_max_share: float = 0.5,
+               which_follow_ups: tuple = (0, 2)) -> Path:
     """Write `num_samples` records of `stage` ("align", "single", "multi", "text"; see the module docstring)
     to out_dir/data.jsonl (returned) and their PNGs to out_dir/images/. Image paths in the records are
     relative to out_dir. Deterministic given (stage, seed); use different seeds for train and held-out.
     `numbered` (multi only): "Image k: <image>" lines (default; "which" answers are these numbers) or bare
     "<image>" lines. `task_shares` (multi only): {task: share} over MULTI_TASKS (None: equal shares); each
-    task gets round(share * num_samples) records (the last task the remainder), shuffled."""
+    task gets round(share * num_samples) records (the last task the remainder), shuffled.
+    `which_max_share` (multi only): the share of "which" records with exactly max_images images (spread
+    evenly: 0.5 is every other one); the rest draw 2..max_images uniformly. `which_follow_ups` (multi
+    only): (least, most) follow-up turns per "which" record, drawn uniformly (capped by how many other
+    images have a unique colour + shape)."""
     if stage not in STAGES:
         raise ValueError(f"stage: got {stage!r}, expected one of {STAGES}")
     if num_samples < 0:
         raise ValueError(f"num_samples: expected >= 0, got {num_samples}")
+    if not 0.0 <= which_max_share <= 1.0:
+        raise ValueError(f"which_max_share: expected a share in [0, 1], got {which_max_share}")
+    follow_ups = tuple(which_follow_ups)
+    if not (len(follow_ups) == 2 and all(isinstance(v, int) for v in follow_ups) and 0 <= follow_ups[0] <= follow_ups[1]):
+        raise ValueError(f"which_follow_ups: expected (least, most) with 0 <= least <= most, got {which_follow_ups!r}")
     if stage == "multi" and not 2 <= max_images <= MAX_NUMBER:
         raise ValueError(f"max_images: expected 2..{MAX_NUMBER} for stage 'multi', got {max_images}")
     out_dir = Path(out_dir)
@@ -412,12 +425,13 @@ def make_split(out_dir: Union[str, os.PathLike], stage: str, num_samples: int, s
         which_seen = 0
         for i, task in enumerate(tasks):
             if task == "which":
-                # every other "which" sample uses max_images images (the demo evaluates among 8)
-                n = max_images if which_seen % 2 == 0 else rng.randint(2, max_images)
+                # which_max_share of them use max_images images, evenly spread (0.5: every other one)
+                at_max = math.ceil((which_seen + 1) * which_max_share) > math.ceil(which_seen * which_max_share)
+                n = max_images if at_max else rng.randint(2, max_images)
                 which_seen += 1
             else:
                 n = rng.randint(2, max_images)
-            records.append(_multi(rng, writer, f"{stage}-{i:06d}", task, n, numbered))
+            records.append(_multi(rng, writer, f"{stage}-{i:06d}", task, n, numbered, follow_ups))
     else:
         make = {"align": _align, "single": _single, "text": _text}[stage]
         records = [make(rng, writer, f"{stage}-{i:06d}", max_images) for i in range(num_samples)]

@@ -1,4 +1,5 @@
 """llmodel.synthetic: deterministic data, answers correct by construction, a tokenizer with no <unk>."""
+import math
 import random
 import re
 
@@ -174,6 +175,36 @@ def test_multi_task_shares(tmp_path):
     for bad in ({"which": 0.5, "count": 0.4}, {"which": 1.2, "count": -0.2}, {"which": 0.5, "colour": 0.5}):
         with pytest.raises(ValueError, match="task_shares"):
             syn.make_split(tmp_path / "b", "multi", 4, seed=1, task_shares=bad)
+
+
+@pytest.mark.parametrize("share", [0.5, 1.0, 0.25, 0.0])
+def test_which_max_share(tmp_path, share):
+    records = syn.read_jsonl(syn.make_split(tmp_path, "multi", 20, seed=3, max_images=5, task_shares={"which": 1.0},
+                                            which_max_share=share))
+    sizes = [len(r["image"]) for r in records]
+    assert all(2 <= n <= 5 for n in sizes)
+    # the share is spread evenly (0.5: records 0, 2, 4, ...); the others draw 2..5 uniformly, 5 included
+    forced = [i for i in range(20) if math.ceil((i + 1) * share) > math.ceil(i * share)]
+    assert len(forced) == round(20 * share) and all(sizes[i] == 5 for i in forced)
+    free = [sizes[i] for i in range(20) if i not in forced]
+    assert share == 1.0 or len(set(free)) >= 3
+    with pytest.raises(ValueError, match="which_max_share"):
+        syn.make_split(tmp_path / "bad", "multi", 2, seed=3, which_max_share=1.5)
+
+
+@pytest.mark.parametrize("follow_ups", [(0, 0), (2, 4), (3, 3)])
+def test_which_follow_ups(tmp_path, follow_ups):
+    records = syn.read_jsonl(syn.make_split(tmp_path, "multi", 12, seed=4, max_images=8, task_shares={"which": 1.0},
+                                            which_follow_ups=follow_ups))
+    least, most = follow_ups
+    for r in records:
+        combos = [(m["colour"], m["shape"]) for m in r["meta"]]
+        unique_others = sum(combos.count(c) == 1 for c in combos) - 1      # the first question's image is unique
+        turns = len(r["conversations"]) // 2 - 1
+        assert min(least, unique_others) <= turns <= min(most, unique_others)
+    for bad in ((3, 2), (-1, 2), (1,), (0.5, 2)):
+        with pytest.raises(ValueError, match="which_follow_ups"):
+            syn.make_split(tmp_path / "bad", "multi", 2, seed=4, which_follow_ups=bad)
 
 
 def test_text_answers(splits):
