@@ -84,7 +84,8 @@ def print_table(summary: dict) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--parallel", type=int, default=1, help="demo runs at a time (each gets cpu_count // parallel threads)")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="demo runs at a time (each gets cpu_count // parallel threads)")
     p.add_argument("--out", default="runs/demo-seeds")
     p.add_argument("--quick", action="store_true", help="the seconds-long --quick demo per seed (a smoke run)")
     args = p.parse_args(argv)

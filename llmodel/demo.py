@@ -15,10 +15,11 @@ at 4 layers one in 2 learns the multi-image lookups in minutes — MoE on every 
 The model's Mamba layers start from Mamba's dt initialisation (llmodel.lm.MambaMixer.reset_ssm_parameters):
 with nn.Linear's default bias every state forgot within a token or two and "which image has X" (reading the
 number of the image's "Image k:" tag) stayed at chance. With 4 attention heads of 32 and 0-2 follow-up
-turns, "which" among 8 reached 88-100% at some seeds and ~50% at others: those models answered a *later*
-image (the keys at an image's tokens also carry the Mamba memory of the images before it). 8 heads of 16
-(same parameters and cost) and 2-4 follow-ups (1.9x the "which" answers per image set, ~20% more tokens
-per record) learn the lookup by ~2000 stage-III steps at every seed tried (bench/demo_seeds.py).
+turns, "which" among 8 reached 88-100% at some seeds and ~50% at others, whose wrong answers mostly named
+a *later* image than the right one (as if the keys at an image's tokens still carried the Mamba memory of
+the images before it). 8 heads of 16 (same parameters and cost) and 2-4 follow-ups (1.9x the "which"
+answers per image set, ~20% more tokens per record) learned it at each of seeds 0-4: 88-100% among 8
+(bench/demo_seeds.py runs that check).
 
 Afterwards it answers held-out questions greedily and reports accuracy per task next to chance, runs
 V-NIAH (the needle image's colour among N images, N beyond what training saw) and saves the run:

@@ -410,7 +410,8 @@ def make_split(out_dir: Union[str, os.PathLike], stage: str, num_samples: int, s
     if not 0.0 <= which_max_share <= 1.0:
         raise ValueError(f"which_max_share: expected a share in [0, 1], got {which_max_share}")
     follow_ups = tuple(which_follow_ups)
-    if not (len(follow_ups) == 2 and all(isinstance(v, int) for v in follow_ups) and 0 <= follow_ups[0] <= follow_ups[1]):
+    if not (len(follow_ups) == 2 and all(isinstance(v, int) for v in follow_ups)
+            and 0 <= follow_ups[0] <= follow_ups[1]):
         raise ValueError(f"which_follow_ups: expected (least, most) with 0 <= least <= most, got {which_follow_ups!r}")
     if stage == "multi" and not 2 <= max_images <= MAX_NUMBER:
         raise ValueError(f"max_images: expected 2..{MAX_NUMBER} for stage 'multi', got {max_images}")
