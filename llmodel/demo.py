@@ -18,7 +18,7 @@ number of the image's "Image k:" tag) stayed at chance. With 4 attention heads o
 turns, "which" among 8 reached 88-100% at some seeds and ~50% at others, whose wrong answers mostly named
 a *later* image than the right one (as if the keys at an image's tokens still carried the Mamba memory of
 the images before it). 8 heads of 16 (same parameters and cost) and 2-4 follow-ups (1.9x the "which"
-answers per image set, ~20% more tokens per record) learned it at each of seeds 0-4: 88-100% among 8
+answers per image set, ~20% more tokens per record) learned it at each of seeds 0-4: 87.7-100% among 8
 (bench/demo_seeds.py runs that check).
 
 Afterwards it answers held-out questions greedily and reports accuracy per task next to chance, runs
