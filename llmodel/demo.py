@@ -76,7 +76,6 @@ class DemoPlan:
     steps: tuple = (30, 400, 3600)
     # stage III's mix: "which" (reading an image's number off its tag) is the slowest to learn
     multi_shares: tuple = (("which", 0.4), ("count", 0.15), ("order", 0.25), ("find", 0.2))
-    which_max_share: float = 0.5      # share of training "which" records among exactly 8 images
     which_follow_ups: tuple = (2, 4)  # follow-up "which" turns per training record: (least, most)
     vniah_sizes: tuple = (4, 8, 16, 32)
     vniah_samples: int = 6
@@ -96,8 +95,7 @@ def run_demo(out: str = "runs/demo", seed: int = 0, plan: DemoPlan = DemoPlan(),
         "align": synthetic.make_split(data / "align", "align", plan.align, seed),
         "single": synthetic.make_split(data / "single", "single", plan.single, seed),
         "multi": synthetic.make_split(data / "multi", "multi", plan.multi, seed, max_images=8,
-                                      task_shares=dict(plan.multi_shares), which_max_share=plan.which_max_share,
-                                      which_follow_ups=plan.which_follow_ups),
+                                      task_shares=dict(plan.multi_shares), which_follow_ups=plan.which_follow_ups),
         "text": synthetic.make_split(data / "text", "text", plan.text, seed),
         "eval-single": synthetic.make_split(data / "eval-single", "single", plan.held_out, seed + 1000),
         "eval-multi": synthetic.make_split(data / "eval-multi", "multi", plan.held_out * 2, seed + 1000,

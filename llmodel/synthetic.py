@@ -309,7 +309,7 @@ def _single(rng, writer, sample_id, max_images):
     return _record(sample_id, paths, meta, pairs, tasks)
 
 
-def _multi(rng, writer, sample_id, task, num_images, numbered=True, follow_ups=(0, 2)):
+def _multi(rng, writer, sample_id, task, num_images, numbered, follow_ups):
     extra = []                      # follow-up (question, answer) turns over the same images
     if task == "which":
         target = (rng.choice(tuple(COLOURS)), rng.choice(SHAPES))
@@ -317,9 +317,9 @@ def _multi(rng, writer, sample_id, task, num_images, numbered=True, follow_ups=(
         items = [_random_item(rng, exclude=[target]) for _ in range(num_images)]
         items[where] = (*target, rng.choice(POSITIONS))
         question, answer = Q_WHICH.format(colour=target[0], shape=target[1]), str(where + 1)
-        # follow-up turns (0-2 by default) about other images whose colour + shape is unique in the set: the
-        # images' tokens (most of a record) are then paid for once per several trained answers, as in
-        # multi-turn SFT data
+        # follow-up turns (make_split's which_follow_ups) about other images whose colour + shape is unique
+        # in the set: the images' tokens (most of a record) are then paid for once per several trained
+        # answers, as in multi-turn SFT data
         combos = [item[:2] for item in items]
         unique = [j for j, c in enumerate(combos) if j != where and combos.count(c) == 1]
         follow = rng.sample(unique, min(rng.randint(*follow_ups), len(unique)))
@@ -407,7 +407,7 @@ def make_split(out_dir: Union[str, os.PathLike], stage: str, num_samples: int, s
         raise ValueError(f"stage: got {stage!r}, expected one of {STAGES}")
     if num_samples < 0:
         raise ValueError(f"num_samples: expected >= 0, got {num_samples}")
-    if not 0.0 <= which_max_share <= 1.0:
+    if not (isinstance(which_max_share, (int, float)) and 0.0 <= which_max_share <= 1.0):
         raise ValueError(f"which_max_share: expected a share in [0, 1], got {which_max_share}")
     follow_ups = tuple(which_follow_ups)
     if not (len(follow_ups) == 2 and all(isinstance(v, int) for v in follow_ups)

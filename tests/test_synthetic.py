@@ -188,8 +188,9 @@ def test_which_max_share(tmp_path, share):
     assert len(forced) == round(20 * share) and all(sizes[i] == 5 for i in forced)
     free = [sizes[i] for i in range(20) if i not in forced]
     assert share == 1.0 or len(set(free)) >= 3
-    with pytest.raises(ValueError, match="which_max_share"):
-        syn.make_split(tmp_path / "bad", "multi", 2, seed=3, which_max_share=1.5)
+    for bad in (1.5, -0.1, "half"):
+        with pytest.raises(ValueError, match="which_max_share"):
+            syn.make_split(tmp_path / "bad", "multi", 2, seed=3, which_max_share=bad)
 
 
 @pytest.mark.parametrize("follow_ups", [(0, 0), (2, 4), (3, 3)])
