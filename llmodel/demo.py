@@ -73,7 +73,7 @@ class DemoPlan:
     held_out: int = 150
     which8: int = 200                 # at least this many held-out "which image has X" among exactly 8 images
     pack_len: int = 2048
-    steps: tuple = (30, 400, 3600)
+    steps: tuple = (30, 1000, 3600)
     # stage III's mix: "which" (reading an image's number off its tag) is the slowest to learn
     multi_shares: tuple = (("which", 0.4), ("count", 0.15), ("order", 0.25), ("find", 0.2))
     which_follow_ups: tuple = (2, 4)  # follow-up "which" turns per training record: (least, most)
