@@ -2,8 +2,10 @@
 
 A record is `{"image": [paths] | path, "video": path, "conversations": [{"from": "human" | "gpt",
 "value": ...}, ...]}` (no image and no video: a text-only conversation). It is rendered with a chat
-template and tokenized by `formats.tokenize_conversation`: each image placeholder becomes
-tokens_per_image rows, and only the assistant's answers and end-of-answer tokens get labels.
+template and tokenized by `formats.tokenize_conversation`: each image placeholder becomes the rows the
+image fills (tokens_per_image; for an AnyRes model — LLaVA-NeXT/OneVision — tokens_for_anyres of the
+image's size: its base image, then its tiles), and only the assistant's answers and end-of-answer tokens
+get labels.
 
 Packing. LongLLaVA trains on 40960-token rows filled with whole conversations. Here a pack is one row
 of conversations back to back plus its boundaries (`cu_seqlens`), which the model hands to fastscan's
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -80,17 +83,70 @@ class Source:
         return Path(self.image_root) if self.image_root else Path(self.path).resolve().parent
 
 
+# ---------------------------------------------------------------- images
+
+def image_sizes(config, images: Sequence) -> list:
+    """Per image (path or PIL image): its (width, height) if the model tiles it (AnyRes), else None.
+    A path's size comes from its header; the pixels are not decoded."""
+    if not config.anyres:
+        return [None] * len(images)
+    sizes = []
+    for image in images:
+        if isinstance(image, (str, os.PathLike)):
+            with Image.open(image) as opened:
+                sizes.append(tuple(opened.size))
+        else:
+            sizes.append(tuple(image.size))
+    return sizes
+
+
+def image_token_counts(config, sizes: Sequence) -> list[int]:
+    """Rows each image fills in the prompt, from `image_sizes`."""
+    return [config.tokens_per_image() if size is None else config.tokens_for_anyres(size) for size in sizes]
+
+
+def load_images(config, images: Sequence, pixel_config=None) -> tuple[Tensor, Optional[list]]:
+    """Images (paths or PIL images) -> (pixel rows (N, 3, H, W), sizes): one row per image, or for an
+    AnyRes model each image's base image then its tiles (pixels.anyres_tiles) and, as sizes, each image's
+    (width, height) — None when the model does not tile. `pixel_groups` splits the rows per image again."""
+    pixel_config = pixel_config or pixels.pixel_config_for_vision(config.vision, config.image_aspect_ratio == "pad")
+    if not config.anyres:
+        return pixels.preprocess_many(list(images), pixel_config), None
+    rows, sizes = [], []
+    for image in images:
+        image = pixels._rgb(image)
+        tiled = pixels.anyres_tiles(image, config.image_grid_pinpoints, tile_size=config.vision.image_size)
+        rows.append(pixels.preprocess_many(tiled.images, pixel_config))
+        sizes.append(tuple(image.size))
+    return torch.cat(rows), sizes
+
+
+def pixel_groups(config, pixel_values: Optional[Tensor], sizes: Optional[list]):
+    """(pixel rows, sizes) as load_images / a Pack holds them -> (images, image_sizes) as LongLLaVA takes
+    them: the rows unchanged when no image is AnyRes, else one group per image with its size (None: plain)."""
+    if pixel_values is None or sizes is None:
+        return pixel_values, None
+    counts = [1 if size is None else 1 + math.prod(config.anyres_layout(size)) for size in sizes]
+    if sum(counts) != pixel_values.shape[0]:
+        raise ValueError(f"pixel_values: {len(sizes)} images need {sum(counts)} pixel rows (base images and tiles), "
+                         f"got {pixel_values.shape[0]}")
+    return list(pixel_values.split(counts)), list(sizes)
+
+
 # ---------------------------------------------------------------- one conversation
 
 @dataclass
 class Example:
     """One tokenized conversation: ids, targets (labels shifted left inside the conversation: targets[t] is
-    the label of token t + 1), its images' (start, rows) spans and pixels (n, 3, H, W) or None."""
+    the label of token t + 1), its images' (start, rows) spans, pixels (n, 3, H, W) or None — one row per
+    plain image, the base image then the tiles of an AnyRes image — and, when any image is AnyRes, the
+    (width, height) of each image (None for plain ones) as `load_images` returns them."""
     input_ids: Tensor
     targets: Tensor
     image_spans: list
     pixel_values: Optional[Tensor]
     task: str = ""
+    image_sizes: Optional[list] = None
 
 
 class Conversations:
@@ -106,18 +162,18 @@ class Conversations:
                  max_len: Optional[int] = None, num_frames: int = 8):
         if not sources:
             raise ValueError("sources: expected at least one data file")
-        if config.anyres or config.second_vision is not None:
-            raise NotImplementedError("training data: AnyRes tiles and two-tower (Cobra) models are not implemented "
-                                      "in the training loader; single-tower 'pad' models are")
+        if config.second_vision is not None:
+            raise NotImplementedError("training data: two-tower (Cobra) models are not implemented in the training "
+                                      "loader; single-tower models ('pad' or AnyRes) are")
         self.sources = list(sources)
         self.tokenizer, self.config, self.template = tokenizer, config, template
         self.max_len, self.num_frames = max_len, num_frames
         self.records: list[tuple[int, dict]] = []
         for s, source in enumerate(self.sources):
             self.records += [(s, r) for r in read_jsonl(source.path)]
-        self.tokens_per_image = config.tokens_per_image()
         self.pixel_config = pixels.pixel_config_for_vision(config.vision, config.image_aspect_ratio == "pad")
         self.lengths, self.num_targets = [], []
+        self._sizes: dict[int, list] = {}  # AnyRes: each image's (width, height), read once from its header
         for i in range(len(self.records)):
             tokens = self._tokenize(i)
             cut = self._cut(i, tokens, warn=True)
@@ -163,10 +219,21 @@ class Conversations:
         s, record = self.records[i]
         return f"{self.sources[s].path} record {record.get('id', i)!r}"
 
+    def sizes_of(self, i: int) -> list:
+        """Per image of record i: its (width, height) when the model tiles it (AnyRes images; the rows it
+        fills depend on it), else None (plain images, video frames)."""
+        s, record = self.records[i]
+        if not self.config.anyres or record.get("video"):
+            return [None] * (self.num_frames if record.get("video") else len(_image_list(record)))
+        if i not in self._sizes:
+            self._sizes[i] = image_sizes(self.config, [self.sources[s].root() / p for p in _image_list(record)])
+        return self._sizes[i]
+
     def _tokenize(self, i: int) -> formats.TokenizedPrompt:
         turns, n = self._turns_and_images(i)
+        counts = image_token_counts(self.config, self.sizes_of(i)[:n] if n else [])
         try:
-            return formats.tokenize_conversation(turns, self.tokenizer, [self.tokens_per_image] * n, self.template,
+            return formats.tokenize_conversation(turns, self.tokenizer, counts, self.template,
                                                  image_token_id=self.config.image_token_id)
         except ValueError as e:
             raise ValueError(f"data: {self._name(i)}: {e}") from None
@@ -189,20 +256,24 @@ class Conversations:
         tokens = self._tokenize(i)
         cut = self._cut(i, tokens)
         spans = [(s, n) for s, n in tokens.image_spans if s + n <= cut]
-        return Example(tokens.input_ids[:cut], _shift(tokens.labels[:cut]), spans,
-                       self._pixels(i, len(spans)), self.records[i][1].get("task", ""))
+        pixel_values, sizes = self._pixels(i, len(spans))
+        return Example(tokens.input_ids[:cut], _shift(tokens.labels[:cut]), spans, pixel_values,
+                       self.records[i][1].get("task", ""), sizes)
 
-    def _pixels(self, i: int, count: int) -> Optional[Tensor]:
+    def _pixels(self, i: int, count: int) -> tuple[Optional[Tensor], Optional[list]]:
         if count == 0:
-            return None
+            return None, None
         s, record = self.records[i]
         root = self.sources[s].root()
         if record.get("video"):
             frames = pixels.load_video_frames(root / record["video"], num_frames=self.num_frames)
-            images = list(frames)[:count]
-        else:
-            images = [root / p for p in _image_list(record)[:count]]
-        return pixels.preprocess_many(images, self.pixel_config)
+            return pixels.preprocess_many(list(frames)[:count], self.pixel_config), None
+        pixel_values, sizes = load_images(self.config, [root / p for p in _image_list(record)[:count]],
+                                          self.pixel_config)
+        if sizes is not None and sizes != self.sizes_of(i)[:count]:
+            raise ValueError(f"data: {self._name(i)}: an image changed size since its tokens were counted "
+                             f"({self.sizes_of(i)[:count]} -> {sizes})")
+        return pixel_values, sizes
 
 
 def _shift(labels: Tensor) -> Tensor:
@@ -265,9 +336,11 @@ class Pack:
     """One training row: conversations back to back (batch 1).
 
     input_ids, targets: (1, T); lengths: tokens per conversation (sum T); pixel_values: (N, 3, H, W) for
-    every image in the row, in order, or None; image_spans: their (start, rows) in the row; num_targets:
-    trained targets in this pack; step_targets: trained targets of every pack of its optimizer step (the
-    loss normalizer, the same on every rank and micro-step); tasks: each conversation's task label."""
+    every image in the row, in order (AnyRes images: base image then tiles), or None; image_spans: their
+    (start, rows) in the row; num_targets: trained targets in this pack; step_targets: trained targets of
+    every pack of its optimizer step (the loss normalizer, the same on every rank and micro-step); tasks:
+    each conversation's task label; image_sizes: per image, (width, height) if AnyRes else None — None
+    when no image of the pack is AnyRes (`pixel_groups` turns pixels and sizes into the model's inputs)."""
     input_ids: Tensor
     targets: Tensor
     lengths: list
@@ -276,6 +349,7 @@ class Pack:
     num_targets: int
     step_targets: int
     tasks: list = field(default_factory=list)
+    image_sizes: Optional[list] = None
 
     def pin_memory(self) -> "Pack":
         self.input_ids, self.targets = self.input_ids.pin_memory(), self.targets.pin_memory()
@@ -285,18 +359,19 @@ class Pack:
 
 
 def build_pack(examples: Sequence[Example], step_targets: int) -> Pack:
-    ids, targets, spans, images, offset = [], [], [], [], 0
+    ids, targets, spans, images, sizes, offset = [], [], [], [], [], 0
     for e in examples:
         ids.append(e.input_ids)
         targets.append(e.targets)
         spans += [(offset + s, n) for s, n in e.image_spans]
         if e.pixel_values is not None:
             images.append(e.pixel_values)
+        sizes += e.image_sizes if e.image_sizes is not None else [None] * len(e.image_spans)
         offset += len(e.input_ids)
     targets = torch.cat(targets)
     return Pack(torch.cat(ids)[None], targets[None], [len(e.input_ids) for e in examples],
                 torch.cat(images) if images else None, spans, int((targets != IGNORE_INDEX).sum()), step_targets,
-                [e.task for e in examples])
+                [e.task for e in examples], sizes if any(s is not None for s in sizes) else None)
 
 
 class PackStream(Dataset):

@@ -22,8 +22,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import formats, pixels, synthetic
-from .data import read_jsonl
+from . import formats, synthetic
+from .data import image_sizes, image_token_counts, load_images, pixel_groups, read_jsonl
 from .multimodal import LongLLaVA, load_longllava
 
 
@@ -49,13 +49,14 @@ def answer(model: LongLLaVA, tokenizer, question_turns: Sequence[dict], images: 
     """Greedy answer to the last human turn of `question_turns` about `images` (paths or PIL images)."""
     config = model.config
     turns = list(question_turns) + [{"from": "gpt", "value": None}]
-    tokens = formats.tokenize_conversation(turns, tokenizer, [config.tokens_per_image()] * len(images), template,
-                                           image_token_id=config.image_token_id)
+    images = list(images)
+    tokens = formats.tokenize_conversation(turns, tokenizer, image_token_counts(config, image_sizes(config, images)),
+                                           template, image_token_id=config.image_token_id)
     device = model.lm.embed_tokens.weight.device
-    pixel_values = (pixels.preprocess_many(list(images), pixels.pixel_config_for_vision(
-        config.vision, config.image_aspect_ratio == "pad")).to(device) if images else None)
-    new = model.generate(tokens.input_ids[None].to(device), images=pixel_values, image_spans=tokens.image_spans,
-                         max_new_tokens=max_new_tokens, chunk_size=chunk_size)
+    pixel_values, sizes = load_images(config, images) if images else (None, None)
+    groups, sizes = pixel_groups(config, pixel_values.to(device) if images else None, sizes)
+    new = model.generate(tokens.input_ids[None].to(device), images=groups, image_spans=tokens.image_spans,
+                         image_sizes=sizes, max_new_tokens=max_new_tokens, chunk_size=chunk_size)
     ids = [int(t) for t in new[0]]  # LongLLaVA.generate returns the new tokens only
     eos = set(config.lm.eos_token_ids)
     ids = ids[:next((i for i, t in enumerate(ids) if t in eos), len(ids))]

@@ -552,14 +552,24 @@ def load_longllava(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] =
                        retie=(lambda m: setattr(m.lm.lm_head, "weight", m.lm.embed_tokens.weight)) if tied else None)
 
 
+def longllava_layout_problem(config: MultimodalConfig) -> Optional[str]:
+    """Why save_longllava cannot write a model of this config (None: it can)."""
+    towers = [config.vision.model_type] + ([config.second_vision.model_type] if config.second_vision else [])
+    if towers != ["clip_vision_model"] or config.projector != "mlp2x_gelu":
+        return (f"LongLLaVA's layout holds one CLIP tower and an mlp2x_gelu projector (this model: "
+                f"{' + '.join(towers)}, {config.projector})")
+    return None
+
+
 def save_longllava(model: LongLLaVA, path: Union[str, os.PathLike], state_dict: Optional[dict] = None) -> None:
     """Write config.json + model.safetensors in LongLLaVA's layout (each file atomically). state_dict: the
     tensors to write instead of model.state_dict() (a sharded model's gathered full state dict)."""
     from safetensors.torch import save_file
 
     c = model.config
-    if c.second_vision is not None or c.vision.model_type != "clip_vision_model" or c.projector != "mlp2x_gelu":
-        raise ValueError("model: LongLLaVA's layout holds one CLIP tower and an mlp2x_gelu projector")
+    problem = longllava_layout_problem(c)
+    if problem:
+        raise ValueError(f"model: {problem}")
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     state_dict = model.state_dict() if state_dict is None else state_dict
@@ -590,4 +600,5 @@ def save_longllava(model: LongLLaVA, path: Union[str, os.PathLike], state_dict: 
 
 
 __all__ = ["MultimodalConfig", "LongLLaVA", "CompositeAttentionMixer", "build_projector", "named_multimodal_config",
-           "NAMED_MULTIMODAL_CONFIGS", "longllava_config", "load_longllava", "save_longllava"]
+           "NAMED_MULTIMODAL_CONFIGS", "longllava_config", "load_longllava", "longllava_layout_problem",
+           "save_longllava"]

@@ -12,7 +12,10 @@ Stages (LongLLaVA's recipe; the freeze policy is the stage's default unless --tr
   multi   Stage III, multi-image instruction tuning, with a replay share of stage-II and text-only data
           spread through every batch (--replay PATH:SHARE).
 Each stage starts from the previous stage's `final/` checkpoint (--init) or, for a first stage, from a
-named or JSON config with random weights (--config).
+named or JSON config with random weights (--config). Models: one CLIP tower, mlp2x_gelu projector, any LM
+of llmodel (checkpoints use LongLLaVA's layout), images padded to square ("pad") or tiled (AnyRes,
+LLaVA-NeXT/OneVision: each image's base image and tiles, its rows depending on its size). A model that
+layout cannot hold (Cobra's two towers) is refused before any work, with NotImplementedError.
 
 One optimizer step = world_size x accumulation packs (rows of whole conversations, --pack-len tokens,
 LongLLaVA: 40960); the loss is the mean over every trained target of the step, whichever rank or
@@ -47,7 +50,8 @@ from torch.utils.checkpoint import checkpoint
 from . import data as data_mod
 from .checkpoint import _atomic_write
 from .lm import Packing
-from .multimodal import LongLLaVA, MultimodalConfig, load_longllava, named_multimodal_config, save_longllava
+from .multimodal import (LongLLaVA, MultimodalConfig, load_longllava, longllava_layout_problem,
+                         named_multimodal_config, save_longllava)
 
 STAGES = {"align": ("projector",), "single": ("projector", "lm"), "multi": ("projector", "lm")}
 PARTS = ("vision", "projector", "lm")
@@ -167,11 +171,13 @@ class Trainee(nn.Module):
         self.model, self.loss_chunk = model, loss_chunk
 
     def forward(self, input_ids: Tensor, targets: Tensor, packing: Packing, pixel_values: Optional[Tensor],
-                image_spans: list) -> Tensor:
+                image_spans: list, image_sizes: Optional[list] = None) -> Tensor:
         """Summed cross-entropy over the pack's trained targets. Logits exist only for trained rows, a chunk
-        at a time, recomputed in backward (a 40K-row x vocab logit matrix is never held)."""
-        hidden = self.model(input_ids, pixel_values=pixel_values, image_spans=image_spans, packing=packing,
-                            return_hidden=True)[0]
+        at a time, recomputed in backward (a 40K-row x vocab logit matrix is never held). image_sizes: the
+        pack's AnyRes sizes (Pack.image_sizes)."""
+        images, sizes = data_mod.pixel_groups(self.model.config, pixel_values, image_sizes)
+        hidden = self.model(input_ids, pixel_values=images, image_spans=image_spans, packing=packing,
+                            image_sizes=sizes, return_hidden=True)[0]
         rows = (targets[0] != IGNORE_INDEX).nonzero()[:, 0]
         weight = self.model.lm.lm_head.weight
         total = hidden.new_zeros((), dtype=torch.float32)
@@ -343,6 +349,10 @@ def train(config: TrainConfig, data_paths: list, out: str, init: Optional[str] =
     torch.manual_seed(config.seed)
     random.seed(config.seed + d.rank)
     model = model if model is not None else build_model(init, model_config, config.seed)
+    problem = longllava_layout_problem(model.config)
+    if problem:  # found now, not at the first checkpoint
+        raise NotImplementedError(f"training: checkpoints are written in LongLLaVA's layout, and {problem}; "
+                                  "training other layouts is not implemented")
     model.to(d.device)
     trained = apply_freeze_policy(model, config.parts())
     checkpointing = (config.activation_checkpointing if config.activation_checkpointing is not None
@@ -392,7 +402,7 @@ def train(config: TrainConfig, data_paths: list, out: str, init: Optional[str] =
             with autocast:
                 loss = trainee(pack.input_ids.to(d.device), pack.targets.to(d.device), packing,
                                pack.pixel_values.to(d.device) if pack.pixel_values is not None else None,
-                               pack.image_spans)
+                               pack.image_spans, pack.image_sizes)
             # FSDP averages gradients over ranks; scaling by world makes the step's gradient that of
             # sum(losses) / step_targets over all ranks' packs, as one process would compute it.
             (loss * (d.world / max(pack.step_targets, 1))).backward()

@@ -342,3 +342,134 @@ def test_demo_pipeline_end_to_end(tmp_path):
         assert (tmp_path / "demo" / name).is_file(), name
     stage3 = json.loads((tmp_path / "demo" / "stage3-multi" / "train_config.json").read_text())
     assert stage3["config"]["steps"] == QUICK.steps[2] and stage3["config"]["stage"] == "multi"
+
+
+# ---------------------------------------------------------------- AnyRes (LLaVA-NeXT / OneVision) training
+
+ANYRES_PINPOINTS = [(32, 64), (64, 32), (64, 64)]  # tile 32: 1x2, 2x1, 2x2 grids
+ANYRES_SIZES = [(50, 35), (32, 64), (40, 40), (70, 30)]
+
+
+@pytest.fixture(scope="module")
+def anyres_corpus(corpus, tmp_path_factory):
+    """The multi-image and single-image splits with each image resized to one of ANYRES_SIZES (cycling),
+    so records hold images of different shapes, hence different tile grids and token counts."""
+    from PIL import Image
+
+    paths, tokenizer, tokenizer_path = corpus
+    root = tmp_path_factory.mktemp("anyres")
+    out = {}
+    for split in ("single", "multi"):
+        source = Path(paths[split]).parent
+        records = data_mod.read_jsonl(paths[split])
+        k = 0
+        for record in records:
+            for name in record.get("image") or []:
+                (root / split / name).parent.mkdir(parents=True, exist_ok=True)
+                Image.open(source / name).resize(ANYRES_SIZES[k % len(ANYRES_SIZES)]).save(root / split / name)
+                k += 1
+        out[split] = root / split / "data.jsonl"
+        out[split].write_text("".join(json.dumps(r) + "\n" for r in records))
+    return out, tokenizer, tokenizer_path
+
+
+def image_size_of(path) -> tuple:
+    from PIL import Image
+    with Image.open(path) as image:
+        return image.size
+
+
+def anyres_config(tokenizer) -> MultimodalConfig:
+    from dataclasses import replace
+    return replace(tiny_config(tokenizer), image_aspect_ratio="anyres", image_grid_pinpoints=ANYRES_PINPOINTS)
+
+
+def test_anyres_examples_fill_each_image_by_its_size_as_inference_does(anyres_corpus):
+    """Each image fills tokens_for_anyres(its size) rows; its pixels are its base image and tiles; and the
+    groups the trainer hands the model are the ones chat.build_inputs makes for the same image."""
+    from llmodel.chat import build_inputs
+
+    paths, tokenizer, _ = anyres_corpus
+    config = anyres_config(tokenizer)
+    convs = data_mod.Conversations([data_mod.Source(str(paths["multi"]))], tokenizer, config)
+    model = LongLLaVA(config)
+    seen = set()
+    for i in range(len(convs)):
+        example, record = convs.example(i), convs.records[i][1]
+        names = record.get("image") or []
+        if not names:
+            assert example.pixel_values is None and example.image_sizes is None
+            continue
+        files = [Path(paths["multi"]).parent / n for n in names]
+        sizes = [image_size_of(f) for f in files]
+        assert example.image_sizes == sizes
+        assert [n for _, n in example.image_spans] == [config.tokens_for_anyres(s) for s in sizes]
+        groups, group_sizes = data_mod.pixel_groups(config, example.pixel_values, example.image_sizes)
+        assert group_sizes == sizes
+        for group, size, file in zip(groups, sizes, files):
+            rows, cols = config.anyres_layout(size)
+            assert group.shape == (1 + rows * cols, 3, 32, 32)
+            seen.add((rows, cols))
+            reference = build_inputs(model, "1", images=[file])  # token-id prompt: no tokenizer needed
+            assert reference.image_sizes == [size] and torch.equal(reference.images[0], group)
+    assert seen == {(1, 2), (2, 1), (2, 2)}  # every grid shape occurs
+    with pytest.raises(ValueError, match="pixel rows"):
+        data_mod.pixel_groups(config, example.pixel_values[1:], example.image_sizes)
+
+
+def test_anyres_packed_loss_equals_each_conversation_alone(anyres_corpus):
+    paths, tokenizer, _ = anyres_corpus
+    convs = data_mod.Conversations([data_mod.Source(str(paths["multi"]))], tokenizer, anyres_config(tokenizer))
+    examples = [convs.example(i) for i in range(4)]
+    assert sum(len(e.image_spans) for e in examples) >= 4
+    torch.manual_seed(0)
+    model = LongLLaVA(anyres_config(tokenizer))
+    trainee = Trainee(model, loss_chunk=7)
+    pack = data_mod.build_pack(examples, step_targets=0)
+    assert len(pack.image_sizes) == len(pack.image_spans)
+    packed = trainee(pack.input_ids, pack.targets, Packing.from_lengths(pack.lengths), pack.pixel_values,
+                     pack.image_spans, pack.image_sizes)
+    packed.backward()
+    newline_grad = model.image_newline.grad.clone()
+    assert newline_grad.abs().sum() > 0  # the row separator is trained
+    model.zero_grad()
+    alone = 0
+    for e in examples:
+        one = data_mod.build_pack([e], step_targets=0)
+        loss = trainee(one.input_ids, one.targets, Packing.from_lengths(one.lengths), one.pixel_values,
+                       one.image_spans, one.image_sizes)
+        loss.backward()
+        alone = alone + loss.detach()
+    assert abs(packed.item() - alone.item()) <= 1e-5 * abs(alone.item())
+    assert (newline_grad - model.image_newline.grad).norm() <= 1e-4 * newline_grad.norm()
+
+
+def test_anyres_model_trains_saves_and_answers(anyres_corpus, tmp_path):
+    """A few steps of stage II on an AnyRes model: the run writes a checkpoint that loads as AnyRes, and the
+    evaluator tiles images for it (the same rows as training)."""
+    from llmodel.evaluate import evaluate_tasks, load_for_eval
+
+    paths, tokenizer, tokenizer_path = anyres_corpus
+    torch.manual_seed(0)
+    config = TrainConfig(stage="single", steps=3, pack_len=256, workers=0, lr=3e-3, projector_lr=3e-3, seed=5)
+    result = train(config, [str(paths["single"])], str(tmp_path), tokenizer_path=tokenizer_path,
+                   model=LongLLaVA(anyres_config(tokenizer)), progress=False)
+    assert len(result["losses"]) == 3 and all(loss > 0 for loss in result["losses"])
+    model, tok = load_for_eval(result["final"])
+    assert model.config.image_aspect_ratio == "anyres" and model.image_newline is not None
+    calls, generate = [], model.generate
+    model.generate = lambda *a, **k: calls.append(k["image_sizes"]) or generate(*a, **k)
+    scores = evaluate_tasks(model, tok, str(paths["single"]), limit=3)
+    assert sum(r["total"] for r in scores.values()) == 3
+    records = data_mod.read_jsonl(paths["single"])[:3]
+    assert calls == [[image_size_of(Path(paths["single"]).parent / r["image"][0])] for r in records]
+
+
+def test_models_whose_checkpoints_cannot_be_written_are_refused_before_training(corpus, tmp_path):
+    from llmodel.multimodal import named_multimodal_config
+
+    paths, tokenizer, tokenizer_path = corpus
+    with pytest.raises(NotImplementedError, match="LongLLaVA's layout.*dinov2 \\+ siglip_vision_model"):
+        train(TrainConfig(stage="single", steps=1, workers=0), [str(paths["single"])], str(tmp_path),
+              tokenizer_path=tokenizer_path, model=LongLLaVA(named_multimodal_config("tiny-cobra")), progress=False)
+    assert not (tmp_path / "metrics.jsonl").exists()
