@@ -18,10 +18,15 @@ number of the image's "Image k:" tag) stayed at chance. With 4 attention heads o
 turns, "which" among 8 reached 88-100% at some seeds and ~50% at others, whose wrong answers mostly named
 a *later* image than the right one (as if the keys at an image's tokens still carried the Mamba memory of
 the images before it). 8 heads of 16 (same parameters and cost) and 2-4 follow-ups (1.9x the "which"
-answers per image set, ~20% more tokens per record) learned it at each of seeds 0-4: 87.7-100% among 8
-(bench/demo_seeds.py runs that check). Not yet robust: "position" (locating the shape among the image's 4
-tokens) is only partly learned in the 400 stage-II steps and normally finished by stage III's replay; at
-seed 5 it never was (21.6%, chance 25%) while every other task passed.
+answers per image set, ~20% more tokens per record) learned it at each of seeds 0-6 with 400 stage-II
+steps: 87.7-100% among 8 (bench/demo_seeds.py runs that check). "Position" (locating the shape among the image's 4 tokens) is the
+last single-image question learned: after 400 stage-II steps the loss sat on a plateau near 0.2 with position
+at 23-58%, left for stage III's replay to finish, which at seed 5 it never did (21.6%, chance 25%). With
+1000 stage-II steps the cosine keeps the lr up long enough to leave that plateau, and position is learned
+inside stage II (100% after stage II at each of seeds 0-15, measured on a GPU; 100% at the end of the demo
+at each of seeds 0-5). Not yet robust: the "which" lookup forms late in stage III (a drop of the loss from
+~0.3 to ~0.02 somewhere between steps ~1500 and ~3000, depending on the seed) and at seed 3 of 0-5 it did
+not form within the 3600 steps (which among 8: 65%; 93-100% at the others).
 
 Afterwards it answers held-out questions greedily and reports accuracy per task next to chance, runs
 V-NIAH (the needle image's colour among N images, N beyond what training saw) and saves the run:
