@@ -26,8 +26,9 @@ chance 25%). 1000 stage-II steps keep the lr up long enough to leave the plateau
 seed measured) but fit stage II to a loss of 0.001, and from that model the "which" lookup did not form at
 seed 3 (which among 8: 65%) under any stage-III setting tried (lr x2 or x0.5, an lr floor, Adam beta2 0.95,
 another data order). Stage II now runs 600 steps whose cosine ends at half the peak lr: the lr stays up to
-leave the plateau without fitting as far, and seeds 3 and 5, the two that failed, reach position 100% and
-which among 8 ~95%. Whether every seed does is not yet measured (bench/demo_seeds.py).
+leave the plateau without fitting as far: position 100% and which among 8 94.7% / 94.8% at seeds 3 and 5,
+the two that failed, and 80.5% / 100% at seeds 0 and 2 (seed 0 only just; stages II-III rerun from each
+seed's stage-I weights). Not yet measured as full demos at every seed (bench/demo_seeds.py).
 
 Afterwards it answers held-out questions greedily and reports accuracy per task next to chance, runs
 V-NIAH (the needle image's colour among N images, N beyond what training saw) and saves the run:
