@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import formats, synthetic
-from .data import image_sizes, image_token_counts, load_images, pixel_groups, read_jsonl
+from .data import image_token_counts, load_images, pixel_groups, read_jsonl
 from .multimodal import LongLLaVA, load_longllava
 
 
@@ -50,10 +50,10 @@ def answer(model: LongLLaVA, tokenizer, question_turns: Sequence[dict], images: 
     config = model.config
     turns = list(question_turns) + [{"from": "gpt", "value": None}]
     images = list(images)
-    tokens = formats.tokenize_conversation(turns, tokenizer, image_token_counts(config, image_sizes(config, images)),
+    pixel_values, sizes = load_images(config, images) if images else (None, None)
+    tokens = formats.tokenize_conversation(turns, tokenizer, image_token_counts(config, sizes or [None] * len(images)),
                                            template, image_token_id=config.image_token_id)
     device = model.lm.embed_tokens.weight.device
-    pixel_values, sizes = load_images(config, images) if images else (None, None)
     groups, sizes = pixel_groups(config, pixel_values.to(device) if images else None, sizes)
     new = model.generate(tokens.input_ids[None].to(device), images=groups, image_spans=tokens.image_spans,
                          image_sizes=sizes, max_new_tokens=max_new_tokens, chunk_size=chunk_size)
