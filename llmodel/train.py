@@ -24,7 +24,10 @@ AdamW with parameter groups (projector / LM / vision lr), no weight decay on bia
 warmup then cosine decay, gradient-norm clipping, bf16 autocast on CUDA, activation checkpointing per
 decoder layer. Checkpoints hold model, optimizer, scheduler, every rank's RNG states and the step (the
 data position: see data.py); they are written to a temporary directory and renamed, and `latest` is
-replaced atomically, so an interrupted run always resumes from a complete checkpoint.
+replaced atomically, so an interrupted run always resumes from a complete checkpoint. The model is
+gathered to rank 0 and written as a loadable LongLLaVA checkpoint (safetensors); the optimizer's moments,
+twice the fp32 model, stay sharded: torch.distributed.checkpoint writes each rank's shards (optimizer/).
+On resume only rank 0 reads the model file and broadcasts it into the shards.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -234,13 +238,32 @@ def shard(trainee: Trainee, world: int) -> None:
 
 # ---------------------------------------------------------------- checkpoints
 
-def _state_dicts(trainee: Trainee, optimizer):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+def _full_model_state(trainee: Trainee) -> dict:
+    """The whole model's weights in rank 0's CPU memory, gathered one tensor at a time (a collective: every
+    rank takes part; the other ranks get an empty dict). They are the checkpoint's loadable model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_sd = get_model_state_dict(trainee, options=options)
-    optim_sd = get_optimizer_state_dict(trainee, optimizer, options=options)
-    return {k[len("model."):]: v for k, v in model_sd.items()}, optim_sd
+    state = get_model_state_dict(trainee, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k[len("model."):]: v for k, v in state.items()}
+
+
+def _optimizer_state(trainee: Trainee, optimizer) -> dict:
+    """AdamW's moments as each rank holds them (FSDP2: its shard of every parameter, as DTensors), keyed by
+    parameter name. Never gathered: they are twice the fp32 model, the bulk of a checkpoint, and
+    torch.distributed.checkpoint writes each rank's shards itself. On a fresh optimizer the states are
+    created first (zeros), so a checkpoint can be loaded into them in place."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return {"optimizer": get_optimizer_state_dict(trainee, optimizer)}
+
+
+@contextlib.contextmanager
+def _one_process_dcp(d: Dist):
+    """torch.distributed.checkpoint warns on every save/load without a process group; one process is meant."""
+    with warnings.catch_warnings():
+        if d.world == 1:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
 
 
 def _rng_state() -> dict:
@@ -261,19 +284,22 @@ def save_checkpoint(run: Path, step: int, trainee: Trainee, optimizer, scheduler
                     tokenizer_path: Optional[str]) -> Path:
     """run/checkpoints/step-N: written under a temporary name, renamed when complete, then `latest` is
     replaced and checkpoints beyond keep_last are removed (oldest first)."""
+    import torch.distributed.checkpoint as dcp
+
     root = run / "checkpoints"
     final, tmp = root / f"step-{step:07d}", root / f".tmp-step-{step:07d}"
-    model_sd, optim_sd = _state_dicts(trainee, optimizer)  # collective: every rank takes part
+    model_sd = _full_model_state(trainee)  # collective: every rank takes part
     if d.main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     d.barrier()
+    with _one_process_dcp(d):  # each rank writes its own shards
+        dcp.save(_optimizer_state(trainee, optimizer), checkpoint_id=tmp / "optimizer", no_dist=d.world == 1)
     torch.save(_rng_state(), tmp / f"rng-rank{d.rank}.pt")
     if d.main:
         save_longllava(trainee.model, tmp, state_dict=model_sd)
         if tokenizer_path:
             shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
-        torch.save(optim_sd, tmp / "optimizer.pt")
         (tmp / "trainer.json").write_text(json.dumps({"step": step, "scheduler": scheduler.state_dict(),
                                                       "world": d.world}, indent=2))
     d.barrier()
@@ -300,17 +326,27 @@ def latest_checkpoint(run: Path) -> Optional[Path]:
 
 
 def load_checkpoint(path: Path, trainee: Trainee, optimizer, scheduler, d: Dist) -> int:
+    """Model, optimizer, scheduler and this rank's RNG states from `path`; returns its step. Only rank 0
+    reads the model file (the weights reach the other ranks' shards by broadcast, one tensor at a time);
+    each rank reads its own optimizer shards."""
+    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     meta = json.loads((path / "trainer.json").read_text())
     if meta["world"] != d.world:
         raise ValueError(f"--resume: {path} was written by {meta['world']} processes, this run has {d.world}; "
                          "the data order and RNG streams are per rank")
-    weights = load_longllava(path, dtype=torch.float32).state_dict()
-    options = StateDictOptions(full_state_dict=True, strict=True)
-    set_model_state_dict(trainee, {f"model.{k}": v for k, v in weights.items()}, options=options)
-    optim_sd = torch.load(path / "optimizer.pt", weights_only=False)
-    set_optimizer_state_dict(trainee, optimizer, optim_sd, options=options)
+    if not (path / "optimizer" / ".metadata").is_file():
+        raise FileNotFoundError(f"--resume: {path} has no optimizer/ (torch.distributed.checkpoint) directory; "
+                                "checkpoints written before the optimizer was sharded (optimizer.pt) cannot resume")
+    weights = ({f"model.{k}": v for k, v in load_longllava(path, dtype=torch.float32).state_dict().items()}
+               if d.main else {})
+    set_model_state_dict(trainee, weights, options=StateDictOptions(full_state_dict=True, strict=True,
+                                                                    broadcast_from_rank0=d.world > 1))
+    optim_sd = _optimizer_state(trainee, optimizer)
+    with _one_process_dcp(d):
+        dcp.load(optim_sd, checkpoint_id=path / "optimizer", no_dist=d.world == 1)
+    set_optimizer_state_dict(trainee, optimizer, optim_sd["optimizer"])
     scheduler.load_state_dict(meta["scheduler"])
     _set_rng_state(torch.load(path / f"rng-rank{d.rank}.pt", weights_only=False))
     return int(meta["step"])

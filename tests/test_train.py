@@ -231,6 +231,13 @@ def test_interrupted_save_leaves_the_latest_checkpoint_intact(corpus, tmp_path, 
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == ["step-0000001", "step-0000002"]
 
 
+def test_resume_refuses_a_checkpoint_without_its_optimizer_states(corpus, tmp_path):
+    run_stage(corpus, tmp_path, 2, save_every=1)
+    shutil.rmtree(latest_checkpoint(tmp_path) / "optimizer")
+    with pytest.raises(FileNotFoundError, match="no optimizer/"):
+        run_stage(corpus, tmp_path, 3, resume=True)
+
+
 def test_fifty_steps_lower_the_loss(corpus, tmp_path):
     result = run_stage(corpus, tmp_path, 50, warmup_ratio=0.1)
     first, last = sum(result["losses"][:5]) / 5, sum(result["losses"][-5:]) / 5
@@ -247,9 +254,9 @@ from tokenizers import Tokenizer
 tok = Tokenizer.from_file({tokenizer!r})
 accumulation = int(sys.argv[1])
 config = TrainConfig(stage="single", steps=4, pack_len=256, workers=0, accumulation=accumulation, seed=5,
-                     lr=3e-3, projector_lr=3e-3, warmup_ratio=0.2)
+                     lr=3e-3, projector_lr=3e-3, warmup_ratio=0.2, save_every=2)
 result = train(config, [{data!r}], sys.argv[2], tokenizer_path={tokenizer!r}, model=tiny_model(tok, seed=5),
-               progress=False)
+               progress=False, resume=sys.argv[3:] == ["resume"])
 import torch.distributed as dist
 if not dist.is_initialized() or dist.get_rank() == 0:
     json.dump(result["losses"], open(sys.argv[2] + "/losses.json", "w"))
@@ -258,8 +265,9 @@ if dist.is_initialized():
 """
 
 
-def test_fsdp_two_processes_match_one_process(corpus, tmp_path):
-    """FSDP2 (fully_shard) over 2 gloo processes, 1 pack each per step == 1 process accumulating 2 packs."""
+def test_fsdp_two_processes_match_one_process_and_resume(corpus, tmp_path):
+    """FSDP2 (fully_shard) over 2 gloo processes, 1 pack each per step == 1 process accumulating 2 packs;
+    the sharded run resumed from its step-2 checkpoint continues the same loss curve bit-identically."""
     paths, _, tokenizer_path = corpus
     script = tmp_path / "run.py"
     script.write_text(FSDP_SCRIPT.format(tests=str(REPO / "tests"), tokenizer=tokenizer_path,
@@ -278,6 +286,14 @@ def test_fsdp_two_processes_match_one_process(corpus, tmp_path):
     # the sharded run's checkpoint is a complete, loadable model
     from llmodel.multimodal import load_longllava
     assert load_longllava(tmp_path / "two" / "final") is not None
+    # ... its optimizer written by both ranks, each its own shards; resuming from it gives the same curve
+    step2 = tmp_path / "two" / "checkpoints" / "step-0000002"
+    assert len(list((step2 / "optimizer").glob("*.distcp"))) == 2
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(step2, tmp_path / "resumed" / "checkpoints" / step2.name)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                    str(script), "1", str(tmp_path / "resumed"), "resume"], check=True, env=env, timeout=600)
+    assert json.loads((tmp_path / "resumed" / "losses.json").read_text()) == two[2:]
 
 
 def test_plot_command_draws_the_loss_curve(corpus, tmp_path):
