@@ -27,7 +27,8 @@ data position: see data.py); they are written to a temporary directory and renam
 replaced atomically, so an interrupted run always resumes from a complete checkpoint. The model is
 gathered to rank 0 and written as a loadable LongLLaVA checkpoint (safetensors); the optimizer's moments,
 twice the fp32 model, stay sharded: torch.distributed.checkpoint writes each rank's shards (optimizer/).
-On resume only rank 0 reads the model file and broadcasts it into the shards.
+When a stage starts from --init, and on resume, only rank 0 reads the model file; the other ranks get
+their shards by broadcast (from --init they build the model on the meta device: no storage until sharded).
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ from torch.utils.checkpoint import checkpoint
 from . import data as data_mod
 from .checkpoint import _atomic_write
 from .lm import Packing
-from .multimodal import (LongLLaVA, MultimodalConfig, load_longllava, longllava_layout_problem,
+from .multimodal import (LongLLaVA, MultimodalConfig, load_longllava, longllava_config, longllava_layout_problem,
                          named_multimodal_config, save_longllava)
 
 STAGES = {"align": ("projector",), "single": ("projector", "lm"), "multi": ("projector", "lm")}
@@ -384,18 +385,34 @@ def train(config: TrainConfig, data_paths: list, out: str, init: Optional[str] =
 
     torch.manual_seed(config.seed)
     random.seed(config.seed + d.rank)
-    model = model if model is not None else build_model(init, model_config, config.seed)
+    weights = None
+    if d.world > 1 and model is None and init:
+        # Rank 0 alone reads the weights; every rank builds the model without storage (meta), shards it,
+        # and receives its shards by broadcast below: no process ever holds a second full copy.
+        weights = load_longllava(init, dtype=torch.float32).state_dict() if d.main else {}
+        with torch.device("meta"):
+            model = LongLLaVA(longllava_config(init))
+    elif model is None:
+        model = build_model(init, model_config, config.seed)
     problem = longllava_layout_problem(model.config)
     if problem:  # found now, not at the first checkpoint
         raise NotImplementedError(f"training: checkpoints are written in LongLLaVA's layout, and {problem}; "
                                   "training other layouts is not implemented")
-    model.to(d.device)
+    if d.world == 1:
+        model.to(d.device)  # FSDP2 moves each unit to the device as it shards it: never the whole model
     trained = apply_freeze_policy(model, config.parts())
     checkpointing = (config.activation_checkpointing if config.activation_checkpointing is not None
                      else config.pack_len >= 8192)
     model.lm.gradient_checkpointing = checkpointing
     trainee = Trainee(model, config.loss_chunk)
     shard(trainee, d.world)
+    if weights is not None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        trainee.to_empty(device=d.device)
+        set_model_state_dict(trainee, {f"model.{k}": v for k, v in weights.items()},
+                             options=StateDictOptions(full_state_dict=True, strict=True, broadcast_from_rank0=True))
+        del weights
     trained = trainable_parameters(model)
     optimizer = torch.optim.AdamW(param_groups(trained, config), betas=config.betas,
                                   fused=d.device.type == "cuda" or None)

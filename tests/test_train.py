@@ -255,8 +255,10 @@ tok = Tokenizer.from_file({tokenizer!r})
 accumulation = int(sys.argv[1])
 config = TrainConfig(stage="single", steps=4, pack_len=256, workers=0, accumulation=accumulation, seed=5,
                      lr=3e-3, projector_lr=3e-3, warmup_ratio=0.2, save_every=2)
-result = train(config, [{data!r}], sys.argv[2], tokenizer_path={tokenizer!r}, model=tiny_model(tok, seed=5),
-               progress=False, resume=sys.argv[3:] == ["resume"])
+mode = sys.argv[3] if len(sys.argv) > 3 else ""  # "resume", or "init:DIR" (weights from a saved model)
+init = mode[len("init:"):] if mode.startswith("init:") else None
+result = train(config, [{data!r}], sys.argv[2], tokenizer_path={tokenizer!r}, init=init,
+               model=None if init else tiny_model(tok, seed=5), progress=False, resume=mode == "resume")
 import torch.distributed as dist
 if not dist.is_initialized() or dist.get_rank() == 0:
     json.dump(result["losses"], open(sys.argv[2] + "/losses.json", "w"))
@@ -280,6 +282,7 @@ def test_fsdp_two_processes_match_one_process_and_resume(corpus, tmp_path):
                     str(script), "1", str(tmp_path / "two")], check=True, env=env, timeout=600)
     one = json.loads((tmp_path / "one" / "losses.json").read_text())
     two = json.loads((tmp_path / "two" / "losses.json").read_text())
+    first = one[0]
     assert len(one) == len(two) == 4
     for a, b in zip(one, two):
         assert abs(a - b) <= 1e-4 * abs(a), (one, two)
@@ -294,6 +297,17 @@ def test_fsdp_two_processes_match_one_process_and_resume(corpus, tmp_path):
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
                     str(script), "1", str(tmp_path / "resumed"), "resume"], check=True, env=env, timeout=600)
     assert json.loads((tmp_path / "resumed" / "losses.json").read_text()) == two[2:]
+    # a next stage from that model (--init): rank 0 alone reads it, rank 1 builds on meta and gets its shards
+    init = f"init:{tmp_path / 'two' / 'final'}"
+    subprocess.run([sys.executable, str(script), "2", str(tmp_path / "one-next"), init], check=True, env=env,
+                   timeout=600)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                    str(script), "1", str(tmp_path / "two-next"), init], check=True, env=env, timeout=600)
+    one = json.loads((tmp_path / "one-next" / "losses.json").read_text())
+    two = json.loads((tmp_path / "two-next" / "losses.json").read_text())
+    assert len(one) == len(two) == 4 and one[0] < first  # the same first packs: the trained weights score better
+    for a, b in zip(one, two):
+        assert abs(a - b) <= 1e-4 * abs(a), (one, two)
 
 
 def test_plot_command_draws_the_loss_curve(corpus, tmp_path):
