@@ -29,8 +29,11 @@ another data order). Stage II now runs 600 steps whose cosine ends at half the p
 without fitting as far. As full demos (bench/demo_seeds.py, 2 threads) at seeds 0-6: position 100% at every
 seed, which among 8 100% at seeds 0, 1, 2, 4 and 6 but 67.4% at seed 3 and 78.5% at seed 5 (target 80%):
 there the stage-III loss declined slowly (0.08-0.15 at the last step, 0.008-0.02 where the lookup formed,
-mostly between steps 1500 and 2500). The "which" lookup still forms at some trajectories and not others;
-5 of 7 seeds meet every target (the 400- and 1000-step settings: 6 of 7 and 5 of 6).
+mostly between steps 1500 and 2500). Two solutions compete there: with the tags shifted by 2 at evaluation
+(Image 3..10), seed 0's final model names the target's shifted tag 73 times in 100 (its place in the list
+4), seed 3's 17 times (its place 38): the passing models copy the tag's number, the failing ones estimate
+the image's position (answers off by one or two, right at the ends of the list). 5 of 7 seeds meet every
+target (the 400- and 1000-step settings: 6 of 7 and 5 of 6).
 
 Afterwards it answers held-out questions greedily and reports accuracy per task next to chance, runs
 V-NIAH (the needle image's colour among N images, N beyond what training saw) and saves the run:
