@@ -326,12 +326,23 @@ def latest_checkpoint(run: Path) -> Optional[Path]:
     return steps[-1] if steps else None
 
 
+def load_model_weights(trainee: Trainee, path, d: Dist) -> None:
+    """A saved model's weights (LongLLaVA layout) into the trainee, sharded or not: rank 0 alone reads the
+    file; the other ranks get their shards by broadcast, one tensor at a time."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    weights = ({f"model.{k}": v for k, v in load_longllava(path, dtype=torch.float32).state_dict().items()}
+               if d.main else {})
+    set_model_state_dict(trainee, weights, options=StateDictOptions(full_state_dict=True, strict=True,
+                                                                    broadcast_from_rank0=d.world > 1))
+
+
 def load_checkpoint(path: Path, trainee: Trainee, optimizer, scheduler, d: Dist) -> int:
     """Model, optimizer, scheduler and this rank's RNG states from `path`; returns its step. Only rank 0
     reads the model file (the weights reach the other ranks' shards by broadcast, one tensor at a time);
     each rank reads its own optimizer shards."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     meta = json.loads((path / "trainer.json").read_text())
     if meta["world"] != d.world:
@@ -340,10 +351,7 @@ def load_checkpoint(path: Path, trainee: Trainee, optimizer, scheduler, d: Dist)
     if not (path / "optimizer" / ".metadata").is_file():
         raise FileNotFoundError(f"--resume: {path} has no optimizer/ (torch.distributed.checkpoint) directory; "
                                 "checkpoints written before the optimizer was sharded (optimizer.pt) cannot resume")
-    weights = ({f"model.{k}": v for k, v in load_longllava(path, dtype=torch.float32).state_dict().items()}
-               if d.main else {})
-    set_model_state_dict(trainee, weights, options=StateDictOptions(full_state_dict=True, strict=True,
-                                                                    broadcast_from_rank0=d.world > 1))
+    load_model_weights(trainee, path, d)
     optim_sd = _optimizer_state(trainee, optimizer)
     with _one_process_dcp(d):
         dcp.load(optim_sd, checkpoint_id=path / "optimizer", no_dist=d.world == 1)
@@ -385,11 +393,10 @@ def train(config: TrainConfig, data_paths: list, out: str, init: Optional[str] =
 
     torch.manual_seed(config.seed)
     random.seed(config.seed + d.rank)
-    weights = None
-    if d.world > 1 and model is None and init:
-        # Rank 0 alone reads the weights; every rank builds the model without storage (meta), shards it,
-        # and receives its shards by broadcast below: no process ever holds a second full copy.
-        weights = load_longllava(init, dtype=torch.float32).state_dict() if d.main else {}
+    meta_init = d.world > 1 and model is None and bool(init)
+    if meta_init:
+        # every rank builds the model without storage (meta) and shards it; the weights come after (below):
+        # rank 0 reads them and broadcasts, so no process ever holds a second full copy
         with torch.device("meta"):
             model = LongLLaVA(longllava_config(init))
     elif model is None:
@@ -406,13 +413,9 @@ def train(config: TrainConfig, data_paths: list, out: str, init: Optional[str] =
     model.lm.gradient_checkpointing = checkpointing
     trainee = Trainee(model, config.loss_chunk)
     shard(trainee, d.world)
-    if weights is not None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
+    if meta_init:
         trainee.to_empty(device=d.device)
-        set_model_state_dict(trainee, {f"model.{k}": v for k, v in weights.items()},
-                             options=StateDictOptions(full_state_dict=True, strict=True, broadcast_from_rank0=True))
-        del weights
+        load_model_weights(trainee, init, d)
     trained = trainable_parameters(model)
     optimizer = torch.optim.AdamW(param_groups(trained, config), betas=config.betas,
                                   fused=d.device.type == "cuda" or None)
