@@ -81,7 +81,7 @@ class DemoPlan:
     align: int = 3000
     single: int = 6000
     multi: int = 12000
-    text: int = 4000
+    text: int = 2000
     held_out: int = 150
     which8: int = 200                 # at least this many held-out "which image has X" among exactly 8 images
     pack_len: int = 2048
@@ -90,10 +90,6 @@ class DemoPlan:
     # stage III's mix: "which" (reading an image's number off its tag) is the slowest to learn
     multi_shares: tuple = (("which", 0.4), ("count", 0.15), ("order", 0.25), ("find", 0.2))
     which_follow_ups: tuple = (2, 4)  # follow-up "which" turns per training record: (least, most)
-    # text-only replay: half of it "which image has X" over images described in words with random tags (see
-    # the module docstring), a quarter each "repeat" and "count the words"
-    text_shares: tuple = (("repeat", 0.25), ("count_words", 0.25), ("which", 0.5))
-    replay: tuple = (0.2, 0.15)        # stage III's shares of stage-II records and of text-only records
     vniah_sizes: tuple = (4, 8, 16, 32)
     vniah_samples: int = 6
 
@@ -113,7 +109,7 @@ def run_demo(out: str = "runs/demo", seed: int = 0, plan: DemoPlan = DemoPlan(),
         "single": synthetic.make_split(data / "single", "single", plan.single, seed),
         "multi": synthetic.make_split(data / "multi", "multi", plan.multi, seed, max_images=8,
                                       task_shares=dict(plan.multi_shares), which_follow_ups=plan.which_follow_ups),
-        "text": synthetic.make_split(data / "text", "text", plan.text, seed, task_shares=dict(plan.text_shares)),
+        "text": synthetic.make_split(data / "text", "text", plan.text, seed),
         "eval-single": synthetic.make_split(data / "eval-single", "single", plan.held_out, seed + 1000),
         "eval-multi": synthetic.make_split(data / "eval-multi", "multi", plan.held_out * 2, seed + 1000,
                                            max_images=8),
@@ -142,7 +138,7 @@ def run_demo(out: str = "runs/demo", seed: int = 0, plan: DemoPlan = DemoPlan(),
          [str(splits["single"])], ()),
         ("stage3-multi", TrainConfig(stage="multi", steps=plan.steps[2], lr=1e-3, projector_lr=1e-3,
                                      trainable=["projector", "lm", "vision"], vision_lr_mult=1.0, **common),
-         [str(splits["multi"])], ((str(splits["single"]), plan.replay[0]), (str(splits["text"]), plan.replay[1]))),
+         [str(splits["multi"])], ((str(splits["single"]), 0.2), (str(splits["text"]), 0.1))),
     ]
     init, runs = None, []
     for name, stage_config, paths, replay in stages:

@@ -30,16 +30,8 @@ Stages and tasks (chance = the accuracy of guessing uniformly among the possible
           "Image 1: <image>\\nImage 2: <image>\\n..." by default, or with numbered=False just
           "<image>\\n" per image; make_split's which_max_share of the "which" samples (default
           half) use max_images images)
-  text    text      text-only replay, three kinds (equal shares unless make_split's task_shares
-                    says otherwise over TEXT_KINDS):
-                    repeat       "Repeat: blue square top left" -> "blue square top left"
-                    count_words  "Count the words: red blue green" -> "3"
-                    which        "which image has X" over images described in words and tagged
-                                 with distinct random numbers 1..max_images in random order:
-                                 "Image 5: blue square\nImage 2: red circle\nWhich image has a red
-                                 circle?" -> "2" (then follow-up turns as in "which"). Only
-                                 reading the number off the tag answers it, not the place in the
-                                 list (see llmodel/demo.py)                                     ~0
+  text    text      text-only replay: "Repeat: blue square top left" -> "blue square top left",
+                    "Count the words: red blue green" -> "3"                          ~0
   V-NIAH  vniah     the "find" task at long context: N - 1 haystack images plus one needle, the only
                     image with shape S (random per sample; the haystack uses the other three shapes),
                     at index round(depth * (N - 1)); "What colour is the S?" -> "red"    1/6
@@ -77,7 +69,6 @@ POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 
 STAGES = ("align", "single", "multi", "text")
 MULTI_TASKS = ("which", "count", "order", "find")
-TEXT_KINDS = ("repeat", "count_words", "which")
 MAX_NUMBER = 128                # "0".."128" are words: image numbers, counts (V-NIAH up to 128 images)
 
 COLOUR_JITTER = 12              # +- per channel, per image
@@ -360,25 +351,15 @@ def _multi(rng, writer, sample_id, task, num_images, numbered, follow_ups):
     return _record(sample_id, paths, meta, pairs, [task] * len(pairs))
 
 
-def _text(rng, sample_id, kind, max_images, follow_ups):
-    if kind == "repeat":
+def _text(rng, writer, sample_id, max_images):
+    if rng.random() < 0.5:
         words = " ".join(rng.choice(TEXT_WORDS) for _ in range(rng.randint(2, 5)))
-        pairs = [(Q_REPEAT.format(words=words), words)]
-    elif kind == "count_words":
+        pair, kind = (Q_REPEAT.format(words=words), words), "repeat"
+    else:
         count = rng.randint(1, 8)
         words = " ".join(rng.choice(TEXT_WORDS) for _ in range(count))
-        pairs = [(Q_COUNT_WORDS.format(words=words), str(count))]
-    elif kind == "which":
-        n = rng.randint(2, max_images)
-        items = rng.sample([(c, s) for c in COLOURS for s in SHAPES], n)
-        tags = rng.sample(range(1, max_images + 1), n)
-        asked = rng.sample(range(n), 1 + min(rng.randint(*follow_ups), n - 1))
-        pairs = [(Q_WHICH.format(colour=items[j][0], shape=items[j][1]), str(tags[j])) for j in asked]
-        listing = "".join(f"Image {t}: {c} {s}\n" for t, (c, s) in zip(tags, items))
-        pairs[0] = (listing + pairs[0][0], pairs[0][1])
-    else:
-        raise ValueError(f"text kind: got {kind!r}, expected one of {TEXT_KINDS}")
-    return _record(sample_id, [], [], pairs, ["text"] * len(pairs), text_kind=kind)
+        pair, kind = (Q_COUNT_WORDS.format(words=words), str(count)), "count_words"
+    return _record(sample_id, [], [], [pair], ["text"], text_kind=kind)
 
 
 def _write_jsonl(path: Path, records: Sequence[dict]) -> Path:
@@ -395,17 +376,17 @@ def read_jsonl(path: Union[str, os.PathLike]) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _task_list(num_samples: int, task_shares: Optional[dict], names: Sequence[str]) -> list[str]:
+def _task_list(num_samples: int, task_shares: Optional[dict]) -> list[str]:
     if task_shares is None:
-        return [names[i % len(names)] for i in range(num_samples)]
-    unknown = sorted(set(task_shares) - set(names))
+        return [MULTI_TASKS[i % len(MULTI_TASKS)] for i in range(num_samples)]
+    unknown = sorted(set(task_shares) - set(MULTI_TASKS))
     if unknown or any(v < 0 for v in task_shares.values()) or not math.isclose(sum(task_shares.values()), 1.0):
-        raise ValueError(f"task_shares: expected non-negative shares of {names} summing to 1, got {task_shares}")
+        raise ValueError(f"task_shares: expected non-negative shares of {MULTI_TASKS} summing to 1, got {task_shares}")
     tasks = []
-    for task in names[:-1]:
+    for task in MULTI_TASKS[:-1]:
         tasks += [task] * round(task_shares.get(task, 0.0) * num_samples)
     tasks = tasks[:num_samples]
-    return tasks + [names[-1]] * (num_samples - len(tasks))
+    return tasks + [MULTI_TASKS[-1]] * (num_samples - len(tasks))
 
 
 def make_split(out_dir: Union[str, os.PathLike], stage: str, num_samples: int, seed: int,
@@ -416,13 +397,12 @@ def make_split(out_dir: Union[str, os.PathLike], stage: str, num_samples: int, s
     to out_dir/data.jsonl (returned) and their PNGs to out_dir/images/. Image paths in the records are
     relative to out_dir. Deterministic given (stage, seed); use different seeds for train and held-out.
     `numbered` (multi only): "Image k: <image>" lines (default; "which" answers are these numbers) or bare
-    "<image>" lines. `task_shares` (multi and text): {task: share} over MULTI_TASKS (multi) or TEXT_KINDS
-    (text) (None: equal shares); each gets round(share * num_samples) records (the last the remainder),
-    shuffled.
+    "<image>" lines. `task_shares` (multi only): {task: share} over MULTI_TASKS (None: equal shares); each
+    task gets round(share * num_samples) records (the last task the remainder), shuffled.
     `which_max_share` (multi only): the share of "which" records with exactly max_images images (spread
-    evenly: 0.5 is every other one); the rest draw 2..max_images uniformly. `which_follow_ups` (multi and
-    text): (least, most) follow-up turns per "which" record, drawn uniformly (capped by how many other
-    images have a unique colour + shape; text: by how many other images there are)."""
+    evenly: 0.5 is every other one); the rest draw 2..max_images uniformly. `which_follow_ups` (multi
+    only): (least, most) follow-up turns per "which" record, drawn uniformly (capped by how many other
+    images have a unique colour + shape)."""
     if stage not in STAGES:
         raise ValueError(f"stage: got {stage!r}, expected one of {STAGES}")
     if num_samples < 0:
@@ -433,15 +413,15 @@ def make_split(out_dir: Union[str, os.PathLike], stage: str, num_samples: int, s
     if not (len(follow_ups) == 2 and all(isinstance(v, int) for v in follow_ups)
             and 0 <= follow_ups[0] <= follow_ups[1]):
         raise ValueError(f"which_follow_ups: expected (least, most) with 0 <= least <= most, got {which_follow_ups!r}")
-    if stage in ("multi", "text") and not 2 <= max_images <= MAX_NUMBER:
-        raise ValueError(f"max_images: expected 2..{MAX_NUMBER} for stage {stage!r}, got {max_images}")
+    if stage == "multi" and not 2 <= max_images <= MAX_NUMBER:
+        raise ValueError(f"max_images: expected 2..{MAX_NUMBER} for stage 'multi', got {max_images}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(f"llmodel.synthetic:{stage}:{seed}")
     writer = _Writer(out_dir, image_size, rng) if stage != "text" else None
     records = []
     if stage == "multi":
-        tasks = _task_list(num_samples, task_shares, MULTI_TASKS)
+        tasks = _task_list(num_samples, task_shares)
         rng.shuffle(tasks)
         which_seen = 0
         for i, task in enumerate(tasks):
@@ -453,12 +433,8 @@ def make_split(out_dir: Union[str, os.PathLike], stage: str, num_samples: int, s
             else:
                 n = rng.randint(2, max_images)
             records.append(_multi(rng, writer, f"{stage}-{i:06d}", task, n, numbered, follow_ups))
-    elif stage == "text":
-        kinds = _task_list(num_samples, task_shares, TEXT_KINDS)
-        rng.shuffle(kinds)
-        records = [_text(rng, f"{stage}-{i:06d}", kind, max_images, follow_ups) for i, kind in enumerate(kinds)]
     else:
-        make = {"align": _align, "single": _single}[stage]
+        make = {"align": _align, "single": _single, "text": _text}[stage]
         records = [make(rng, writer, f"{stage}-{i:06d}", max_images) for i in range(num_samples)]
     return _write_jsonl(out_dir / "data.jsonl", records)
 
