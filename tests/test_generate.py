@@ -58,6 +58,23 @@ def test_chunked_prefill_equals_one_shot(chunk_size, rope):
     assert rel_err(decode_one_token(model, cache, nxt), expected_next) <= 1e-5
 
 
+@pytest.mark.parametrize("chunk_size", [1, 2, 7])
+def test_chunked_prefill_with_wide_conv(chunk_size):
+    """d_conv 6 (the demo's): a chunk shorter than the conv window (5 past inputs) must take part of its
+    window from the chunks before the previous one, through the cache's conv state."""
+    model = random_model(tiny_config(mamba=dict(d_state=8, d_conv=6, expand=2, dt_rank=6)))
+    ids = torch.randint(3, 97, (2, 23))
+    with torch.no_grad():
+        expected = model(input_ids=ids)[:, -1]
+    cache = model.new_cache(2, 30)
+    assert cache.conv_state[0].shape[-1] == 5
+    assert rel_err(prefill(model, cache, input_ids=ids, chunk_size=chunk_size), expected) <= 1e-5
+    nxt = expected.argmax(-1)
+    with torch.no_grad():
+        expected_next = model(input_ids=torch.cat([ids, nxt[:, None]], 1))[:, -1]
+    assert rel_err(decode_one_token(model, cache, nxt), expected_next) <= 1e-5
+
+
 def test_prefill_with_inputs_embeds_equals_ids():
     model = random_model(tiny_config())
     ids = torch.randint(3, 97, (1, 13))
