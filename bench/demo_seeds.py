@@ -2,7 +2,7 @@
 
     python bench/demo_seeds.py [--seeds 0 1 2] [--parallel 1] [--out runs/demo-seeds] [--quick]
 
-Each seed is one whole demo run (`python -m llmodel demo --seed S`, ~12.5 minutes on 2 CPU cores): its own
+Each seed is one whole demo run (`python -m llmodel demo --seed S`, ~13 minutes on 2 CPU cores): its own
 synthetic data, initialisation and data order. Runs go `--parallel` at a time, each with cpu_count //
 parallel threads. The thread count changes the order of floating-point reductions, so a seed run with
 another thread count (or on a GPU, in bf16) is in effect another seed: compare like with like.

@@ -372,6 +372,14 @@ def test_demo_pipeline_end_to_end(tmp_path):
         assert (tmp_path / "demo" / name).is_file(), name
     stage3 = json.loads((tmp_path / "demo" / "stage3-multi" / "train_config.json").read_text())
     assert stage3["config"]["steps"] == QUICK.steps[2] and stage3["config"]["stage"] == "multi"
+    # stage III freezes the tower again (LongLLaVA's policy): its weights leave stage III as stage II left them
+    from safetensors.torch import load_file
+    before = load_file(str(tmp_path / "demo" / "stage2-single" / "final" / "model.safetensors"))
+    after = load_file(str(tmp_path / "demo" / "stage3-multi" / "final" / "model.safetensors"))
+    assert before.keys() == after.keys()
+    tower = [k for k in before if k.startswith("model.vision_tower.")]
+    assert tower and all(torch.equal(before[k], after[k]) for k in tower)
+    assert not torch.equal(before["model.mm_projector.0.weight"], after["model.mm_projector.0.weight"])
 
 
 # ---------------------------------------------------------------- AnyRes (LLaVA-NeXT / OneVision) training
